@@ -1,0 +1,197 @@
+"""Sharded checkpoints: Megatron-Core ``dist_checkpointing`` (torch_dist) in a Megatron-LM layout.
+
+::
+
+    CKPT/
+      latest_checkpointed_iteration.txt       # "0"
+      iter_0000000/
+        metadata.json  .metadata  __*_*.distcp  common.pt      # dist_checkpointing
+        model_config.yaml                                      # ModelConfig: dims travel along
+        tokenizer/ (tokenizer.json | tokenizer.model, tokenizer.yaml)
+
+The sharded state is ``{"model": model.sharded_state_dict(), "iteration": N, ...}`` as Megatron-LM
+writes it, so a checkpoint saved at one TP/PP loads at any other. Saves are atomic: every rank writes
+into ``CKPT/.iter_NNNNNNN.tmp``, rank 0 renames it into place and only then updates
+``latest_checkpointed_iteration.txt``; a crash mid-save leaves the previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from minitron_megatron.config import ModelConfig
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+MODEL_CONFIG_FILE = "model_config.yaml"
+TOKENIZER_DIR = "tokenizer"
+_ITER_RE = re.compile(r"^iter_(\d{7})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path that cannot be used, with what to do about it."""
+
+
+def iteration_dir(root: str | Path, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What a checkpoint directory holds, read without loading any tensor."""
+
+    root: Path
+    """The directory given by the user (holds the tracker file)."""
+
+    path: Path
+    """The ``iter_NNNNNNN`` directory that is loaded."""
+
+    iteration: int
+    model_config: ModelConfig
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        directory = self.path / TOKENIZER_DIR
+        return directory if directory.is_dir() else None
+
+
+def latest_iteration(root: str | Path) -> int | None:
+    """The iteration named by the tracker file, or ``None`` when there is no checkpoint yet."""
+    tracker = Path(root) / TRACKER_FILE
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{tracker} holds {text!r}, not an iteration number; fix or delete "
+                              f"it to point at one of the iter_* directories.")
+    return int(text)
+
+
+def find_checkpoint(path: str | Path, iteration: int | None = None) -> CheckpointInfo:
+    """Resolve ``path`` (a checkpoint root or an ``iter_*`` directory) to what will be loaded.
+
+    Raises ``CheckpointError`` with an actionable message for a missing or foreign directory.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path, or create one "
+                              f"with `minitron import-hf --hf-path MODEL --save {path}`.")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a file; pass the checkpoint directory (the "
+                              f"one holding {TRACKER_FILE}).")
+    if _ITER_RE.match(path.name) and (path / MODEL_CONFIG_FILE).is_file():
+        root, it_dir = path.parent, path
+        iteration = int(_ITER_RE.match(path.name).group(1))
+    else:
+        root = path
+        if iteration is None:
+            iteration = latest_iteration(path)
+        if iteration is None:
+            raise CheckpointError(
+                f"{path} is not a minitron checkpoint: no {TRACKER_FILE} in it. Pass a directory "
+                f"written by `minitron import-hf`, `prune` or `distill` (or its iter_* folder)."
+            )
+        it_dir = iteration_dir(path, iteration)
+    config_file = it_dir / MODEL_CONFIG_FILE
+    if not config_file.is_file():
+        raise CheckpointError(f"{it_dir} has no {MODEL_CONFIG_FILE}: the checkpoint is incomplete "
+                              f"or was not written by minitron; re-create it.")
+    return CheckpointInfo(root=root, path=it_dir, iteration=iteration,
+                          model_config=ModelConfig.load(config_file))
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(
+    root: str | Path,
+    *,
+    model: torch.nn.Module,
+    model_config: ModelConfig,
+    iteration: int = 0,
+    tokenizer_dir: str | Path | None = None,
+    extra_sharded_state: dict[str, Any] | None = None,
+    common_state: dict[str, Any] | None = None,
+    files: dict[str, str] | None = None,
+) -> Path:
+    """Save this rank's shard of ``model`` (collective over all ranks) and return the iter dir.
+
+    ``extra_sharded_state`` holds further sharded items (an optimizer's sharded state dict),
+    ``common_state`` plain picklable items stored once (scheduler, data position), ``files``
+    small text files written into the iteration directory. ``tokenizer_dir`` is copied inside.
+    """
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final = iteration_dir(root, iteration)
+    tmp = root / f".{final.name}.tmp"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by a save that was killed
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+
+    state: dict[str, Any] = {"model": model.sharded_state_dict(), "iteration": iteration,
+                             "checkpoint_version": 3.0}
+    state.update(extra_sharded_state or {})
+    state.update(common_state or {})
+    dist_checkpointing.save(state, str(tmp))
+    _barrier()
+
+    if _rank() == 0:
+        model_config.save(tmp / MODEL_CONFIG_FILE)
+        if tokenizer_dir is not None:
+            shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
+        old = root / f".{final.name}.old"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old.exists():
+            shutil.rmtree(old)
+        _write_text_atomic(root / TRACKER_FILE, str(iteration))
+    _barrier()
+    return final
+
+
+def load_checkpoint(
+    info: CheckpointInfo,
+    *,
+    model: torch.nn.Module,
+    extra_sharded_state: dict[str, Any] | None = None,
+    strict: bool = True,
+) -> dict[str, Any]:
+    """Load ``info``'s tensors into this rank's ``model`` (any TP/PP) and return the loaded state
+    (common items and the loaded ``extra_sharded_state``)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    request: dict[str, Any] = {"model": model.sharded_state_dict()}
+    request.update(extra_sharded_state or {})
+    loaded = dist_checkpointing.load(
+        request, str(info.path),
+        strict=StrictHandling.ASSUME_OK_UNEXPECTED if not strict else StrictHandling.RAISE_ALL,
+    )
+    model.load_state_dict(loaded.pop("model"), strict=strict)
+    return loaded

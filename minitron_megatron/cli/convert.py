@@ -1,0 +1,46 @@
+"""``minitron import-hf`` and ``minitron export-hf``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from minitron_megatron.cli.common import DTYPES, run_distributed, single_process
+
+log = logging.getLogger("minitron")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import-hf", help="Llama-family HF directory or .gguf → minitron checkpoint")
+    p.add_argument("--hf-path", required=True, help="HF dir (config.json + safetensors) or .gguf")
+    p.add_argument("--save", required=True, help="checkpoint directory to write")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer to store instead of the source's own")
+    p.add_argument("--params-dtype", choices=DTYPES, default="fp32")
+    p.set_defaults(func=run_import)
+
+    p = sub.add_parser("export-hf", help="minitron checkpoint → HF directory (transformers)")
+    p.add_argument("--load", required=True, help="checkpoint directory")
+    p.add_argument("--save", required=True, help="HF directory to write")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    p.set_defaults(func=run_export)
+
+
+def run_import(args: argparse.Namespace) -> None:
+    from minitron_megatron.model.convert import import_model, open_source
+
+    open_source(args.hf_path)  # validate the source before starting anything
+    with run_distributed(single_process()) as ps:
+        cfg = import_model(args.hf_path, args.save, ps, tokenizer=args.tokenizer,
+                           params_dtype=DTYPES[args.params_dtype])
+    log.info("imported %s → %s (%d parameters)", args.hf_path, args.save, cfg.num_parameters())
+
+
+def run_export(args: argparse.Namespace) -> None:
+    from minitron_megatron.checkpoint import find_checkpoint
+    from minitron_megatron.model.convert import export_model
+
+    find_checkpoint(args.load)
+    with run_distributed(single_process()) as ps:
+        out = export_model(args.load, args.save, ps, dtype=DTYPES[args.dtype])
+    log.info("exported %s → %s", args.load, out)

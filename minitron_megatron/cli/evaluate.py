@@ -1,0 +1,44 @@
+"""``minitron evaluate``: held-out loss of a checkpoint at any TP × PP × DP."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from minitron_megatron.cli.common import (
+    DTYPES, add_data_args, add_parallel_args, parallel_config, run_distributed,
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="validation loss / perplexity of a checkpoint")
+    p.add_argument("--load", required=True, help="checkpoint directory")
+    p.add_argument("--eval-samples", type=int, required=True)
+    p.add_argument("--output-json", default=None, help="also write the result here")
+    p.add_argument("--params-dtype", choices=DTYPES, default="fp32")
+    add_data_args(p)
+    add_parallel_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from minitron_megatron.checkpoint import find_checkpoint
+    from minitron_megatron.data.loaders import DataConfig
+    from minitron_megatron.evaluate import evaluate_checkpoint
+
+    info = find_checkpoint(args.load)
+    data = DataConfig(data_path=args.data_path, seq_length=args.seq_length, split=args.split,
+                      seed=args.seed, cache_path=args.data_cache_path)
+    parallel = parallel_config(args)
+    info.model_config.check_parallel(tensor_parallel=parallel.tensor_model_parallel_size,
+                                     pipeline_parallel=parallel.pipeline_model_parallel_size)
+    with run_distributed(parallel) as ps:
+        result = evaluate_checkpoint(info, ps, data, num_samples=args.eval_samples,
+                                     micro_batch_size=args.micro_batch_size,
+                                     params_dtype=DTYPES[args.params_dtype])
+        if ps.rank == 0:
+            line = json.dumps(result.to_dict())
+            print(line, flush=True)
+            if args.output_json:
+                Path(args.output_json).write_text(line + "\n")

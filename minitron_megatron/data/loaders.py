@@ -1,0 +1,147 @@
+"""Train / validation / calibration batches from an indexed dataset, via Megatron's ``GPTDataset``.
+
+The split is Megatron's deterministic document split (``--split 98,2,0``: the first 98 % of the
+documents train, the next 2 % validate); samples within a split are shuffled with the seed. Every
+rank builds the same datasets and reads the samples its data-parallel rank owns, so no tensor is
+broadcast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass(kw_only=True, frozen=True)
+class DataConfig:
+    """Where the tokens are and how they are cut into samples."""
+
+    data_path: str
+    """Prefix of the indexed dataset (``PREFIX.bin`` / ``PREFIX.idx``)."""
+
+    seq_length: int
+    """Tokens per sample (labels are the next tokens)."""
+
+    split: str = "98,2,0"
+    """Train, validation and test shares of the documents."""
+
+    seed: int = 1234
+    """Seed of the sample shuffle."""
+
+    cache_path: str | None = None
+    """Directory for Megatron's index caches (default: next to the data)."""
+
+    def __post_init__(self) -> None:
+        if self.seq_length <= 0:
+            raise ValueError(f"seq-length must be positive, got {self.seq_length}.")
+        prefix = Path(self.data_path)
+        missing = [str(prefix) + ext for ext in (".bin", ".idx")
+                   if not Path(str(prefix) + ext).is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"dataset {self.data_path} not found ({', '.join(missing)} missing); create it "
+                f"with `minitron preprocess --input FILE --tokenizer T --output-prefix "
+                f"{self.data_path}`."
+            )
+
+
+class _DatasetTokenizer:
+    """The two facts ``GPTDataset`` needs of a tokenizer (and its cache identity)."""
+
+    def __init__(self, eod: int, vocab_size: int):
+        self.eod = eod
+        self.vocab_size = vocab_size
+        self.unique_identifiers = {"class": "minitron", "eod": eod, "vocab_size": vocab_size}
+
+
+def build_datasets(cfg: DataConfig, *, eod_id: int, vocab_size: int,
+                   num_samples: dict[str, int]):
+    """Megatron ``GPTDataset`` per split name in ``num_samples`` (collective when distributed).
+
+    Raises ``ValueError`` when a split cannot give that many distinct samples of the sequence
+    length (a split shorter than one sample included).
+    """
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    config = GPTDatasetConfig(
+        random_seed=cfg.seed,
+        sequence_length=cfg.seq_length,
+        blend=([cfg.data_path], None),
+        split=cfg.split,
+        path_to_cache=cfg.cache_path,
+        tokenizer=_DatasetTokenizer(eod_id, vocab_size),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        mmap_bin_files=True,
+    )
+    sizes = [max(num_samples.get(name, 0), 1) if name in num_samples else 0 for name in SPLITS]
+    _check_split_sizes(cfg, sizes)
+    datasets = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+    out = {}
+    for name, dataset in zip(SPLITS, datasets):
+        if name not in num_samples:
+            continue
+        available = distinct_samples(dataset, cfg.seq_length)
+        if num_samples[name] > available:
+            raise ValueError(
+                f"the {name} split of {cfg.data_path} holds {available} distinct samples of "
+                f"{cfg.seq_length} tokens, fewer than the {num_samples[name]} requested; lower "
+                f"the sample count or seq-length, change --split, or preprocess more text."
+            )
+        out[name] = dataset
+    return out
+
+
+def _check_split_sizes(cfg: DataConfig, sizes: list[int]) -> None:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    from megatron.core.datasets.utils import normalize
+
+    shares = normalize([float(x) for x in cfg.split.split(",")])
+    n_docs = len(IndexedDataset(cfg.data_path).document_indices) - 1
+    begin = 0.0
+    for name, share, size in zip(SPLITS, shares, sizes):
+        end = begin + share
+        if size and round(end * n_docs) <= round(begin * n_docs):
+            raise ValueError(f"the {name} split of {cfg.data_path} is empty ({n_docs} documents, "
+                             f"--split {cfg.split}); give it a larger share or more documents.")
+        begin = end
+
+
+def distinct_samples(dataset, seq_length: int) -> int:
+    """Samples one pass over the split's documents gives (no repetition)."""
+    lengths = dataset.dataset.sequence_lengths[dataset.indices]
+    return max(int(lengths.sum()) - 1, 0) // seq_length
+
+
+def micro_batches(dataset, sample_ids: Sequence[int], micro_batch_size: int
+                  ) -> Iterator[dict[str, torch.Tensor]]:
+    """Stack samples into micro-batches of exactly ``micro_batch_size`` (a short last batch is
+    padded with copies of its first sample whose ``loss_mask`` and ``sample_mask`` are zero)."""
+    ids = list(sample_ids)
+    for start in range(0, len(ids), micro_batch_size):
+        chunk = ids[start:start + micro_batch_size]
+        samples = [dataset[i] for i in chunk]
+        real = len(samples)
+        samples += [samples[0]] * (micro_batch_size - real)
+        batch = {key: torch.stack([s[key] for s in samples])
+                 for key in ("tokens", "labels", "loss_mask", "position_ids")}
+        batch["sample_mask"] = (torch.arange(micro_batch_size) < real).float()
+        batch["loss_mask"] = batch["loss_mask"] * batch["sample_mask"][:, None]
+        yield batch
+
+
+def shard_for_data_parallel(num_samples: int, dp_rank: int, dp_size: int) -> list[int]:
+    """This DP rank's contiguous share of samples ``0..num_samples-1`` (sizes differ by ≤ 1)."""
+    per, extra = divmod(num_samples, dp_size)
+    start = dp_rank * per + min(dp_rank, extra)
+    return list(range(start, start + per + (dp_rank < extra)))

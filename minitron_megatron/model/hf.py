@@ -1,0 +1,230 @@
+"""Hugging Face Llama-family directories: ``config.json`` + safetensors ⇄ ModelConfig + tensors.
+
+Supported architectures: Llama, Mistral (sliding window off) and Qwen2 (QKV bias): GQA, SwiGLU,
+RMSNorm, RoPE, tied or untied embeddings. Exports whose head width differs from hidden/heads (pruned
+models) are written as ``MistralForCausalLM`` with an explicit ``head_dim``, which ``transformers``
+accepts while ``LlamaConfig`` refuses it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from minitron_megatron.config import ModelConfig
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+                "Qwen2ForCausalLM": "qwen2"}
+_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}
+
+
+class UnsupportedModelError(ValueError):
+    """The model cannot be converted; the message lists what can."""
+
+
+def _unsupported(what: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"{what}; supported: {', '.join(SUPPORTED_ARCHITECTURES)} (GQA, SwiGLU, RMSNorm, RoPE, "
+        f"tied or untied embeddings) and GGUF files of architecture 'llama'."
+    )
+
+
+def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    """ModelConfig from a Hugging Face ``config.json`` dict, refusing what we cannot convert."""
+    archs = hf.get("architectures") or []
+    arch = archs[0] if archs else None
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise _unsupported(f"architecture {arch or hf.get('model_type')!r} is not supported")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise _unsupported(f"activation {hf['hidden_act']!r} is not supported")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise _unsupported("attention_bias/mlp_bias on Llama is not supported")
+    if arch == "MistralForCausalLM" and hf.get("sliding_window"):
+        raise _unsupported(f"sliding-window attention ({hf['sliding_window']}) is not supported")
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = scaling.get("rope_type", scaling.get("type"))
+    if rope_type not in (None, "default", "llama3"):
+        raise _unsupported(f"rope scaling {rope_type!r} is not supported")
+    if rope_type == "llama3" and any(scaling.get(k) != v for k, v in _LLAMA3_ROPE.items()):
+        raise _unsupported(f"llama3 rope scaling other than {_LLAMA3_ROPE} is not supported")
+    rope_theta = hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 1e4))
+    heads = hf["num_attention_heads"]
+    return ModelConfig(
+        num_layers=hf["num_hidden_layers"],
+        hidden_size=hf["hidden_size"],
+        ffn_hidden_size=hf["intermediate_size"],
+        num_attention_heads=heads,
+        num_query_groups=hf.get("num_key_value_heads") or heads,
+        kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads,
+        vocab_size=hf["vocab_size"],
+        padded_vocab_size=hf["vocab_size"],
+        normalization="RMSNorm",
+        norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
+        activation="silu",
+        gated_linear_unit=True,
+        position_embedding_type="rope",
+        rotary_base=float(rope_theta),
+        rope_scaling_factor=float(scaling["factor"]) if rope_type == "llama3" else None,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        add_qkv_bias=arch == "Qwen2ForCausalLM",
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+    )
+
+
+def hf_config_for(cfg: ModelConfig, *, bos_id: int | None, eos_id: int | None,
+                  dtype: torch.dtype) -> dict[str, Any]:
+    """``config.json`` for an export; Mistral (head_dim explicit) when heads × head_dim ≠ hidden."""
+    _check_exportable(cfg)
+    if cfg.add_qkv_bias:
+        arch = "Qwen2ForCausalLM"
+    elif cfg.num_attention_heads * cfg.kv_channels != cfg.hidden_size:
+        arch = "MistralForCausalLM"
+    else:
+        arch = "LlamaForCausalLM"
+    out: dict[str, Any] = {
+        "architectures": [arch],
+        "model_type": _MODEL_TYPES[arch],
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.ffn_hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_query_groups,
+        "head_dim": cfg.kv_channels,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.norm_epsilon,
+        "rope_theta": cfg.rotary_base,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "vocab_size": cfg.vocab_size,
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "attention_bias": False,
+        "mlp_bias": False,
+    }
+    if cfg.rope_scaling_factor is not None:
+        out["rope_scaling"] = {"rope_type": "llama3", "factor": cfg.rope_scaling_factor,
+                               **_LLAMA3_ROPE}
+    if arch == "MistralForCausalLM":
+        out["sliding_window"] = None
+    if arch == "Qwen2ForCausalLM":
+        out["use_sliding_window"] = False
+    return out
+
+
+def _check_exportable(cfg: ModelConfig) -> None:
+    problems = []
+    if cfg.normalization != "RMSNorm":
+        problems.append(f"normalization {cfg.normalization}")
+    if not (cfg.gated_linear_unit and cfg.activation == "silu"):
+        problems.append("a non-SwiGLU MLP")
+    if cfg.position_embedding_type != "rope" or cfg.rotary_percent != 1.0:
+        problems.append("non-RoPE (or partial RoPE) positions")
+    if cfg.add_bias_linear:
+        problems.append("biases on every linear layer")
+    if problems:
+        raise _unsupported(f"cannot export a model with {', '.join(problems)}")
+
+
+class SafetensorsSource:
+    """Read tensors lazily from a Hugging Face directory's (possibly sharded) safetensors."""
+
+    def __init__(self, directory: Path):
+        from safetensors import SafetensorError, safe_open
+
+        files = sorted(directory.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors in {directory}; export the model with "
+                                    f"`save_pretrained(..., safe_serialization=True)`.")
+        self._handles, self._where = [], {}
+        for file in files:
+            try:
+                handle = safe_open(str(file), framework="pt")
+                for name in handle.keys():
+                    self._where[name] = handle
+                _check_sizes(file, handle)
+            except (SafetensorError, OSError, ValueError) as err:
+                raise ValueError(f"{file} is corrupt or truncated ({err}); download or copy it "
+                                 f"again.") from None
+            self._handles.append(handle)
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name not in self._where:
+            raise KeyError(f"tensor {name} missing from the safetensors files; is the checkpoint "
+                           f"complete?")
+        return self._where[name].get_tensor(name).float()
+
+    def keys(self) -> Iterable[str]:
+        return self._where.keys()
+
+
+def _check_sizes(file: Path, handle: Any) -> None:
+    """safetensors validates the header only; compare the data length it declares with the file."""
+    header_len = int.from_bytes(file.open("rb").read(8), "little")
+    header = json.loads(file.open("rb").read(8 + header_len)[8:])
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if file.stat().st_size < 8 + header_len + end:
+        raise ValueError(f"file has {file.stat().st_size} bytes, header declares "
+                         f"{8 + header_len + end}")
+
+
+def read_hf_directory(directory: str | Path) -> tuple[ModelConfig, SafetensorsSource]:
+    """Config and a lazy tensor reader for a Hugging Face model directory (validated up front)."""
+    directory = Path(directory)
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{directory} has no config.json; pass a Hugging Face model "
+                                f"directory (config.json + *.safetensors) or a .gguf file.")
+    cfg = config_from_hf(json.loads(config_file.read_text()))
+    return cfg, SafetensorsSource(directory)
+
+
+def write_hf_directory(
+    directory: str | Path,
+    config: dict[str, Any],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    dtype: torch.dtype,
+    max_shard_bytes: int = 5 * 2**30,
+) -> None:
+    """Write ``config.json`` and safetensors shards (with an index when there is more than one)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    written: list[tuple[Path, list[str]]] = []
+    shard: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush() -> None:
+        path = directory / f".shard-{len(written):05d}.tmp"
+        save_file(shard, str(path), metadata={"format": "pt"})
+        written.append((path, list(shard)))
+        shard.clear()
+
+    for name, tensor in tensors:
+        tensor = tensor.to(dtype).contiguous().clone()
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and size + nbytes > max_shard_bytes:
+            flush()
+            size = 0
+        shard[name] = tensor
+        size += nbytes
+        total += nbytes
+    flush()
+    if len(written) == 1:
+        written[0][0].rename(directory / "model.safetensors")
+        return
+    weight_map = {}
+    for i, (path, names) in enumerate(written):
+        final = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+        path.rename(directory / final)
+        weight_map.update(dict.fromkeys(names, final))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

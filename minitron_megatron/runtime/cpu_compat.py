@@ -1,0 +1,242 @@
+"""The one place that adapts Megatron-Core's CUDA assumptions to CPU ranks (gloo).
+
+Megatron-Core assumes a GPU in a handful of places. On a machine without CUDA, ``apply()`` installs
+one small adapter per assumption; with CUDA present it does nothing at all (the real code paths run,
+with TransformerEngine and fused kernels). Every adapter is exercised by ``tests/test_cpu_compat.py``.
+
+Assumptions removed (numbered as in the team's notes):
+
+1. ``torch.cuda.current_device()`` used as a device (attention buffers, RoPE ``inv_freq``, SP
+   gather/scatter buffers, pipeline receive buffers) and
+4. hard-coded ``device="cuda"`` tensors and ``torch.cuda.synchronize()`` in pipeline schedules,
+   p2p communication, optimizer, grad clipping, grad buffers and the checkpoint writer, and
+6. the default causal mask built on CUDA when ``attention_mask`` is ``None``:
+   the modules that do this see ``torch`` through ``_TorchOnCpu``, where "cuda" means the CPU.
+2. The model-parallel RNG tracker keeps CUDA RNG states (``model_parallel_cuda_manual_seed``, the
+   dropout ``fork()`` even at p=0): its get/set state functions use the CPU generator instead.
+3. The plain-torch norm wrapper asserts ``not sequence_parallel``; with SP its parameters need the
+   ``sequence_parallel`` attribute so their grads are summed over TP: ``_torch_norm_for_cpu``.
+5. ``Tensor.cuda()`` for tied embeddings with PP > 1: the shared-weight set-up runs with
+   ``Tensor.cuda`` as the identity.
+7. gloo's ``all_gather_into_tensor`` rejects 0-dim inputs: they are viewed as 1-element tensors.
+8. Gradient clipping asserts ``torch.cuda.FloatTensor`` grads: a CPU clip with the same maths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import types
+from typing import Any, Callable
+
+import torch
+
+_APPLIED = False
+
+# Modules that call torch.cuda.* or allocate with device="cuda" on paths a CPU run takes.
+_CUDA_DEVICE_MODULES = (
+    "megatron.core.tensor_parallel.layers",
+    "megatron.core.tensor_parallel.mappings",
+    "megatron.core.tensor_parallel.utils",
+    "megatron.core.tensor_parallel.data",
+    "megatron.core.tensor_parallel.random",
+    "megatron.core.tensor_parallel.cross_entropy",
+    "megatron.core.transformer.dot_product_attention",
+    "megatron.core.transformer.utils",
+    "megatron.core.transformer.transformer_layer",
+    "megatron.core.transformer.module",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.distributed.finalize_model_grads",
+    "megatron.core.utils",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.strategies.async_utils",
+)
+
+_FACTORIES = frozenset(
+    {"zeros", "ones", "empty", "full", "tensor", "arange", "rand", "randn", "empty_like",
+     "zeros_like", "ones_like", "full_like"}
+)
+
+
+def _cpu_if_cuda(device: Any) -> Any:
+    if isinstance(device, int) or (
+        device is not None and torch.device(device).type == "cuda"
+    ):
+        return torch.device("cpu")
+    return device
+
+
+class _CudaOnCpu:
+    """``torch.cuda`` for the patched modules: the current device is the CPU, syncs are no-ops,
+    and RNG calls use the CPU generator (assumptions 1, 2 and 4)."""
+
+    def current_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def synchronize(self, *args: Any, **kwargs: Any) -> None:
+        """CPU collectives (gloo) are synchronous: nothing to wait for."""
+
+    def empty_cache(self) -> None:
+        """No caching allocator on CPU."""
+
+    def get_rng_state(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.get_rng_state()
+
+    def set_rng_state(self, state: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        torch.set_rng_state(state)
+
+    def manual_seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.cuda, name)
+
+
+class _TorchOnCpu(types.ModuleType):
+    """``torch`` as seen by the patched modules: tensor factories asked for "cuda" get the CPU."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+        self.cuda = _CudaOnCpu()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(torch, name)
+        if name in _FACTORIES:
+            return _factory_on_cpu(attr)
+        return attr
+
+
+def _factory_on_cpu(factory: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    @functools.wraps(factory)
+    def wrapped(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_if_cuda(kwargs["device"])
+        return factory(*args, **kwargs)
+
+    return wrapped
+
+
+def _cpu_rng_state(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """Replaces ``_get_cuda_rng_state``: the tracker's states are CPU generator states."""
+    return torch.get_rng_state()
+
+
+def _set_cpu_rng_state(new_state: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+    """Replaces ``_set_cuda_rng_state``."""
+    torch.set_rng_state(new_state)
+
+
+class _TorchNormForCpu:
+    """Plain torch LayerNorm/RMSNorm (as ``WrappedTorchNorm``), allowed under sequence parallel:
+    the parameters are marked ``sequence_parallel`` so Megatron sums their grads over TP."""
+
+    def __new__(cls, config: Any, hidden_size: int, eps: float = 1e-5, **kwargs: Any):
+        norm_cls = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}.get(
+            config.normalization
+        )
+        if norm_cls is None:
+            raise ValueError(f"unsupported normalization {config.normalization!r} on CPU")
+        norm = norm_cls(normalized_shape=hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def _all_gather_into_tensor_any_dim(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def all_gather_into_tensor(output_tensor, input_tensor, *args: Any, **kwargs: Any):
+        if input_tensor.dim() == 0:
+            input_tensor = input_tensor.reshape(1)
+        return original(output_tensor, input_tensor, *args, **kwargs)
+
+    return all_gather_into_tensor
+
+
+def _clip_grad_by_total_norm_cpu(
+    parameters: Any, max_norm: float, total_norm: float, use_decoupled_grad: bool = False
+) -> None:
+    """Same maths as Megatron's ``clip_grad_by_total_norm_fp32``, without its CUDA-type assert."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+@contextlib.contextmanager
+def _tensor_cuda_is_identity():
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
+
+
+def _setup_embeddings_on_cpu(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def setup_embeddings_and_output_layer(self, *args: Any, **kwargs: Any):
+        with _tensor_cuda_is_identity():
+            return original(self, *args, **kwargs)
+
+    return setup_embeddings_and_output_layer
+
+
+def is_applied() -> bool:
+    return _APPLIED
+
+
+def apply() -> bool:
+    """Install the CPU adapters once, only when CUDA is absent. Returns whether they are active."""
+    global _APPLIED
+    if torch.cuda.is_available():
+        return False
+    if _APPLIED:
+        return True
+
+    torch_on_cpu = _TorchOnCpu()
+    for name in _CUDA_DEVICE_MODULES:  # assumptions 1, 4, 6
+        importlib.import_module(name).torch = torch_on_cpu
+
+    from megatron.core.tensor_parallel import random as mcore_random  # assumption 2
+
+    mcore_random._get_cuda_rng_state = _cpu_rng_state
+    mcore_random._set_cuda_rng_state = _set_cpu_rng_state
+
+    from megatron.core.transformer import torch_norm  # assumption 3
+
+    torch_norm.WrappedTorchNorm.__new__ = staticmethod(_TorchNormForCpu.__new__)
+
+    from megatron.core.models.common.language_module import language_module  # assumption 5
+
+    module_cls = language_module.LanguageModule
+    module_cls.setup_embeddings_and_output_layer = _setup_embeddings_on_cpu(
+        module_cls.setup_embeddings_and_output_layer
+    )
+
+    gather = _all_gather_into_tensor_any_dim(torch.distributed.all_gather_into_tensor)  # 7
+    torch.distributed.all_gather_into_tensor = gather
+    for name in ("megatron.core.tensor_parallel.layers", "megatron.core.tensor_parallel.mappings",
+                 "megatron.core.tensor_parallel.utils",
+                 "megatron.core.distributed.param_and_grad_buffer"):
+        module = importlib.import_module(name)
+        if hasattr(module, "dist_all_gather_func"):
+            module.dist_all_gather_func = gather
+
+    from megatron.core.optimizer import clip_grads, optimizer  # assumption 8
+
+    clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+    optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+
+    _APPLIED = True
+    return True

@@ -1,0 +1,102 @@
+"""Run a function on N local gloo ranks (spawned processes) and collect each rank's result.
+
+Used by the test suite and the benchmarks to prove every distributed path against the
+single-process answer. A rank that raises fails the whole run at once (the others are killed
+rather than left waiting in a collective), and a hard timeout turns a hung collective into an error.
+
+Example::
+
+    def body(env):            # a module-level function: spawned processes import it
+        with distributed(env, ParallelConfig(tensor_model_parallel_size=2)) as ps:
+            return ps.tp_rank
+
+    assert run_distributed(body, world_size=2) == [0, 1]
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from minitron_megatron.runtime.distributed import LaunchEnv, free_port
+
+
+class DistributedRunError(RuntimeError):
+    """A rank failed or the run timed out."""
+
+
+def _worker(rank: int, env: LaunchEnv, fn: Callable[..., Any], args: tuple, kwargs: dict,
+            result_dir: str, status: mp.Queue) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(rank),
+        MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port), OMP_NUM_THREADS="1",
+    )
+    torch.set_num_threads(1)
+    try:
+        result = fn(env, *args, **kwargs)
+        torch.save(result, Path(result_dir) / f"rank{rank}.pt")
+        status.put((rank, None))
+    except BaseException:  # noqa: BLE001 - report everything, including CheckpointException
+        status.put((rank, traceback.format_exc()))
+
+
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 300.0,
+    **kwargs: Any,
+) -> list[Any]:
+    """Call ``fn(LaunchEnv, *args, **kwargs)`` on ``world_size`` spawned ranks; return the results
+    in rank order. ``fn`` must be importable (module level) and its result picklable."""
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    status = ctx.Queue()
+    with tempfile.TemporaryDirectory(prefix="minitron-ranks-") as result_dir:
+        procs = []
+        for rank in range(world_size):
+            env = LaunchEnv(rank=rank, world_size=world_size, local_rank=rank,
+                            master_addr="127.0.0.1", master_port=port)
+            proc = ctx.Process(target=_worker, daemon=False,
+                               args=(rank, env, fn, args, kwargs, result_dir, status))
+            proc.start()
+            procs.append(proc)
+        try:
+            _wait(procs, status, timeout)
+        finally:
+            for proc in procs:
+                if proc.is_alive():
+                    proc.kill()
+                proc.join()
+        return [torch.load(Path(result_dir) / f"rank{r}.pt", weights_only=False)
+                for r in range(len(procs))]
+
+
+def _wait(procs: list, status: mp.Queue, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    pending = set(range(len(procs)))
+    while pending:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DistributedRunError(f"ranks {sorted(pending)} did not finish in {timeout:.0f}s "
+                                      f"(a hung collective?)")
+        try:
+            rank, error = status.get(timeout=min(left, 1.0))
+        except queue.Empty:
+            dead = [r for r in pending if not procs[r].is_alive() and procs[r].exitcode != 0]
+            if dead:
+                raise DistributedRunError(
+                    f"ranks {dead} died (exit codes {[procs[r].exitcode for r in dead]})"
+                ) from None
+            continue
+        if error is not None:
+            raise DistributedRunError(f"rank {rank} failed:\n{error}")
+        pending.discard(rank)

@@ -1,0 +1,58 @@
+"""Shared fixtures: a tiny tokenizer, corpus and indexed dataset, and tiny HF Llama models.
+
+Everything is generated locally (no network, no data packages), small enough that the whole suite
+runs in minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from tests import factories
+
+warnings.filterwarnings("ignore", category=UserWarning)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    return factories.make_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    return factories.make_corpus(tmp_path_factory.mktemp("corpus") / "corpus.jsonl")
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory, tiny_tokenizer, tiny_corpus):
+    """Prefix of an indexed dataset of the tiny corpus."""
+    from minitron_megatron.data.preprocess import preprocess
+
+    prefix = tmp_path_factory.mktemp("dataset") / "corpus"
+    preprocess(tiny_corpus, tiny_tokenizer, prefix)
+    return str(prefix)
+
+
+@pytest.fixture(scope="session")
+def hf_llama_untied(tmp_path_factory, tiny_tokenizer):
+    return factories.make_hf_llama(tmp_path_factory.mktemp("hf_untied"), tied=False,
+                                   tokenizer=tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def hf_llama_tied(tmp_path_factory, tiny_tokenizer):
+    return factories.make_hf_llama(tmp_path_factory.mktemp("hf_tied"), tied=True,
+                                   tokenizer=tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def llama_ckpt_untied(tmp_path_factory, hf_llama_untied):
+    """The untied tiny Llama imported as a minitron checkpoint."""
+    return factories.import_in_process(hf_llama_untied, tmp_path_factory.mktemp("ck_untied"))
+
+
+@pytest.fixture(scope="session")
+def llama_ckpt_tied(tmp_path_factory, hf_llama_tied):
+    return factories.import_in_process(hf_llama_tied, tmp_path_factory.mktemp("ck_tied"))

@@ -1,0 +1,108 @@
+"""Builders for tiny, locally generated test assets."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from minitron_megatron.config import ParallelConfig
+from minitron_megatron.data.tokenizer import Tokenizer
+from minitron_megatron.runtime.distributed import LaunchEnv, distributed
+
+VOCAB = 384  # model vocabulary (≥ the tokenizer's); divisible by 2 and 128
+
+_SYLLABLES = ["ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "an", "el", "or", "ux", "be", "di"]
+
+
+def make_corpus(path: Path, documents: int = 400, seed: int = 0) -> Path:
+    """A JSONL corpus of pseudo-sentences with a Zipf-like word distribution (learnable)."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 3))) for _ in range(300)]
+    weights = [1.0 / (i + 1) for i in range(len(words))]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        for _ in range(documents):
+            sentences = []
+            for _ in range(rng.randint(2, 6)):
+                n = rng.randint(4, 12)
+                sentences.append(" ".join(rng.choices(words, weights, k=n)).capitalize() + ".")
+            handle.write(json.dumps({"text": " ".join(sentences)}) + "\n")
+    return path
+
+
+def make_tokenizer(directory: Path, vocab_size: int = 320) -> Tokenizer:
+    """A byte-level BPE trained on the tiny corpus, with an end-of-text token."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    corpus = make_corpus(directory / "train.jsonl")
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    path = directory / "tokenizer.json"
+    tok.save(str(path))
+    return Tokenizer.from_file(path, "huggingface")
+
+
+def llama_hf_config(*, tied: bool, layers: int = 4, hidden: int = 64, heads: int = 4,
+                    kv_heads: int = 2, ffn: int = 96, head_dim: int | None = None,
+                    arch: str = "llama"):
+    import transformers
+
+    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+           "qwen2": transformers.Qwen2Config}[arch]
+    extra = {"sliding_window": None} if arch in ("mistral", "qwen2") else {}
+    return cls(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=ffn,
+               num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+               head_dim=head_dim or hidden // heads, max_position_embeddings=256,
+               rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tied, **extra)
+
+
+def make_hf_llama(directory: Path, *, tied: bool, tokenizer: Tokenizer | None = None,
+                  seed: int = 0, **config) -> Path:
+    """A random tiny Llama saved with ``save_pretrained`` (weights scaled so logits are O(1))."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = llama_hf_config(tied=tied, **config)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+            else:
+                param.normal_(0.0, 0.15)
+    model.save_pretrained(directory, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save(directory)
+    return Path(directory)
+
+
+def hf_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
+    model.eval()
+    with torch.no_grad():
+        return model(tokens).logits.float()
+
+
+def import_in_process(source: Path, save: Path) -> Path:
+    from minitron_megatron.model.convert import import_model
+
+    with distributed(LaunchEnv(), ParallelConfig()) as ps:
+        import_model(source, save, ps)
+    return save
+
+
+def sample_tokens(batch: int = 2, seq: int = 32, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 320, (batch, seq), generator=generator)
