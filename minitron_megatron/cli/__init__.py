@@ -7,9 +7,9 @@ import logging
 import sys
 import warnings
 
-from minitron_megatron.cli import convert, data, evaluate
+from minitron_megatron.cli import convert, data, demo, evaluate
 
-COMMANDS = (convert, data, evaluate)
+COMMANDS = (convert, data, evaluate, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,11 +28,13 @@ def _quiet_optional_extras() -> None:
     for message in (".*Transformer Engine and Apex are not installed.*",
                     ".*Apex is not installed.*", ".*Transformer Engine is not installed.*"):
         warnings.filterwarnings("ignore", message=message)
+    warnings.filterwarnings("ignore", module="torch.distributed.checkpoint")  # DCP deprecations
 
 
 def main(argv: list[str] | None = None) -> None:
     _quiet_optional_extras()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # dataset/checkpoint chatter
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
