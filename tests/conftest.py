@@ -56,3 +56,10 @@ def llama_ckpt_untied(tmp_path_factory, hf_llama_untied):
 @pytest.fixture(scope="session")
 def llama_ckpt_tied(tmp_path_factory, hf_llama_tied):
     return factories.import_in_process(hf_llama_tied, tmp_path_factory.mktemp("ck_tied"))
+
+
+@pytest.fixture(scope="session")
+def gpt_ckpt(tmp_path_factory, tiny_tokenizer):
+    """A tiny random GPT-2-style checkpoint (LayerNorm, gelu, learned positions, biases, tied)."""
+    return factories.make_gpt_checkpoint(tmp_path_factory.mktemp("ck_gpt"),
+                                         tokenizer=tiny_tokenizer)

@@ -106,3 +106,37 @@ def import_in_process(source: Path, save: Path) -> Path:
 def sample_tokens(batch: int = 2, seq: int = 32, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, 320, (batch, seq), generator=generator)
+
+
+GPT_CONFIG = dict(num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                  vocab_size=VOCAB, normalization="LayerNorm", activation="gelu",
+                  gated_linear_unit=False, position_embedding_type="learned_absolute",
+                  add_bias_linear=True, tie_embeddings=True, max_position_embeddings=64)
+
+
+def make_gpt_checkpoint(save: Path, *, tokenizer: Tokenizer | None = None, seed: int = 0,
+                        **overrides) -> Path:
+    """A random tiny GPT-2-style model (LayerNorm, non-gated gelu MLP, learned absolute
+    positions, biases everywhere, tied embeddings) saved as a minitron checkpoint."""
+    import tempfile
+
+    from minitron_megatron.checkpoint import save_checkpoint
+    from minitron_megatron.config import ModelConfig
+    from minitron_megatron.model.build import build_model
+
+    cfg = ModelConfig(**{**GPT_CONFIG, **overrides})
+    with distributed(LaunchEnv(), ParallelConfig()) as ps:
+        model = build_model(cfg, ps, init_weights=False)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "norm" in name and name.endswith("weight"):
+                    param.copy_(torch.rand(param.shape, generator=generator) + 0.5)
+                elif name.endswith("bias"):
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+                else:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.15)
+        with tempfile.TemporaryDirectory() as staging:
+            tok_dir = tokenizer.save(Path(staging) / "tokenizer") if tokenizer else None
+            save_checkpoint(save, model=model, model_config=cfg, tokenizer_dir=tok_dir)
+    return Path(save)

@@ -1,0 +1,68 @@
+"""``minitron importance``: calibration scores of a checkpoint, at any TP × PP × DP."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from minitron_megatron.cli.common import (
+    DTYPES,
+    add_data_args,
+    add_parallel_args,
+    parallel_config,
+    run_distributed,
+)
+
+log = logging.getLogger("minitron")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("importance", help="activation importance of neurons, heads, channels, "
+                                          "layers → a layout-free scores file")
+    p.add_argument("--load", required=True, help="checkpoint directory")
+    p.add_argument("--calib-samples", type=int, required=True,
+                   help="calibration samples (from the train split), split over DP ranks")
+    p.add_argument("--save-scores", required=True, help="scores file to write (.safetensors)")
+    p.add_argument("--batch-agg", choices=("l2", "mean", "var"), default="l2")
+    p.add_argument("--seq-agg", choices=("mean", "l2", "var"), default="mean")
+    p.add_argument("--ffn-hook", choices=("fc2-input", "fc1-output"), default="fc2-input")
+    p.add_argument("--depth-metrics", default="bi",
+                   help="comma-separated: bi, loss, block:K (loss and block cost one forward "
+                        "pass over the calibration samples per layer / block start)")
+    p.add_argument("--params-dtype", choices=DTYPES, default="fp32")
+    add_data_args(p)
+    add_parallel_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from minitron_megatron.checkpoint import find_checkpoint
+    from minitron_megatron.data.loaders import DataConfig
+    from minitron_megatron.importance import ImportanceConfig, importance_checkpoint
+
+    info = find_checkpoint(args.load)
+    config = ImportanceConfig(batch_agg=args.batch_agg, seq_agg=args.seq_agg,
+                              ffn_hook=args.ffn_hook,
+                              depth_metrics=tuple(m for m in args.depth_metrics.split(",") if m))
+    config.check_model(info.model_config.num_layers)
+    out = Path(args.save_scores)
+    if out.is_dir() or not out.parent.is_dir():
+        raise ValueError(f"--save-scores {out} must be a file in an existing directory.")
+    if args.calib_samples <= 0:
+        raise ValueError(f"--calib-samples must be positive, got {args.calib_samples}.")
+    data = DataConfig(data_path=args.data_path, seq_length=args.seq_length, split=args.split,
+                      seed=args.seed, cache_path=args.data_cache_path)
+    parallel = parallel_config(args)
+    info.model_config.check_parallel(tensor_parallel=parallel.tensor_model_parallel_size,
+                                     pipeline_parallel=parallel.pipeline_model_parallel_size)
+    with run_distributed(parallel) as ps:
+        scores = importance_checkpoint(info, ps, data, num_samples=args.calib_samples,
+                                       micro_batch_size=args.micro_batch_size, config=config,
+                                       params_dtype=DTYPES[args.params_dtype])
+        if ps.rank == 0:
+            scores.save(out)
+            print(json.dumps({"scores": str(out), "calibration_loss": scores.calibration_loss,
+                              "samples": scores.num_samples, "tokens": scores.num_tokens,
+                              "depth_metrics": list(scores.depth)}), flush=True)
