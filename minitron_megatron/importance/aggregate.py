@@ -31,33 +31,61 @@ def _all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.
     return tensor
 
 
-def sequence_aggregate(a: torch.Tensor, how: str,
-                       sp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+class Scratch:
+    """Reusable fp32 work buffers, one per activation shape. On CPU a fresh multi-megabyte
+    temporary per hook call (page faults on every allocation) costs more than the reduction."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, a: torch.Tensor) -> torch.Tensor:
+        key = (tuple(a.shape), a.device)
+        if key not in self.buffers:
+            self.buffers[key] = torch.empty(a.shape, dtype=torch.float32, device=a.device)
+        return self.buffers[key]
+
+
+def _elementwise(op, a: torch.Tensor, work: torch.Tensor, *args) -> torch.Tensor:
+    """``op(a, *args)`` in fp32, written into ``work`` (one pass when ``a`` already is fp32)."""
+    if a.dtype == torch.float32:
+        return op(a, *args, out=work)
+    return op(work.copy_(a), *args, out=work)
+
+
+def sequence_aggregate(a: torch.Tensor, how: str, sp_group: dist.ProcessGroup | None = None,
+                       scratch: Scratch | None = None) -> torch.Tensor:
     """``a[s, b, k]`` → ``m[b, k]`` in fp32 (``sp_group``: the sequence is sharded over it)."""
-    a = a.float()
+    work = (scratch or Scratch())(a)  # [s, b, k] fp32 buffer
     seq = a.shape[0] * (dist.get_world_size(sp_group) if sp_group is not None else 1)
     if how == "mean":
-        total = torch.linalg.vector_norm(a, ord=1, dim=0)  # [b, k] = Σ_s |a|
+        total = _elementwise(torch.abs, a, work).sum(0)  # [b, k] = Σ_s |a|
         return _all_reduce(total, sp_group) / seq
     if how == "l2":
-        squares = torch.linalg.vector_norm(a, ord=2, dim=0).square()  # [b, k] = Σ_s a²
+        squares = _elementwise(torch.square, a, work).sum(0)  # [b, k] = Σ_s a²
         return _all_reduce(squares, sp_group).sqrt()
     if how == "var":
-        mean = _all_reduce(a.sum(0), sp_group) / seq  # [b, k] = ā
-        spread = torch.linalg.vector_norm(a - mean, ord=2, dim=0).square()  # Σ_s (a − ā)²
+        mean = _all_reduce(a.sum(0, dtype=torch.float32), sp_group) / seq  # [b, k] = ā
+        spread = _elementwise(torch.sub, a, work, mean).square_().sum(0)  # Σ_s (a − ā)²
         return _all_reduce(spread, sp_group) / seq
     raise ValueError(f"unknown sequence aggregation {how!r}")
 
 
 class Moments:
-    """Running ``(n, mean, M2)`` of per-sample values ``m[b, k]`` over calibration samples."""
+    """Running ``(n, mean, M2)`` of per-sample values ``m[b, k]`` over calibration samples.
 
-    def __init__(self, size: int, device: torch.device | str = "cpu"):
-        self.state = torch.zeros(3, size, device=device)  # rows: n (broadcast), mean, M2; fp32
+    Rows are buffered and folded in groups of ``fold_rows`` (fewer small-tensor operations per
+    micro-batch); ``state`` always includes every row seen.
+    """
+
+    def __init__(self, size: int, device: torch.device | str = "cpu", fold_rows: int = 256):
+        self._state = torch.zeros(3, size, device=device)  # rows: n (broadcast), mean, M2; fp32
+        self._pending: list[torch.Tensor] = []
+        self._pending_rows = 0
+        self.fold_rows = fold_rows
 
     @staticmethod
     def of(m: torch.Tensor) -> torch.Tensor:
-        """The moments ``[3, k]`` of one micro-batch's rows ``m[b, k]``."""
+        """The moments ``[3, k]`` of rows ``m[b, k]``."""
         m = m.float()
         mean = m.mean(0)  # [k]
         return torch.stack([torch.full_like(mean, m.shape[0]), mean,
@@ -76,7 +104,25 @@ class Moments:
 
     def update(self, m: torch.Tensor) -> None:
         if m.shape[0]:
-            self.state = self.merge(self.state, self.of(m))
+            self._pending.append(m)
+            self._pending_rows += m.shape[0]
+            if self._pending_rows >= self.fold_rows:
+                self._fold()
+
+    def _fold(self) -> None:
+        if self._pending:
+            self._state = self.merge(self._state, self.of(torch.cat(self._pending)))
+            self._pending, self._pending_rows = [], 0
+
+    @property
+    def state(self) -> torch.Tensor:
+        self._fold()
+        return self._state
+
+    @state.setter
+    def state(self, value: torch.Tensor) -> None:
+        self._pending, self._pending_rows = [], 0
+        self._state = value
 
     def reduce(self, group: dist.ProcessGroup | None) -> None:
         """Merge every rank's moments of ``group`` in rank order (the same result everywhere)."""

@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from minitron_megatron.config import ModelConfig
-from minitron_megatron.importance.aggregate import Moments, sequence_aggregate
+from minitron_megatron.importance.aggregate import Moments, Scratch, sequence_aggregate
 from minitron_megatron.importance.config import ImportanceConfig
 from minitron_megatron.runtime.distributed import ParallelState
 
@@ -63,6 +63,7 @@ class ActivationRecorder:
         self.mask: torch.Tensor | None = None
         self.sp_group = ps.tp_group if ps.sequence_parallel and ps.tp_size > 1 else None
         self.moments: dict[tuple[int, str], Moments] = {}
+        self.scratch = Scratch()
         self.handles: list[Any] = []
         self.want_bi = "bi" in config.depth_metrics
 
@@ -99,15 +100,20 @@ class ActivationRecorder:
         self.handles.append(module.register_forward_pre_hook(lambda _m, args: fn(_m, args[0])))
 
     def _next_micro_batch(self, module: torch.nn.Module, args: Any) -> None:
-        self.mask = self.masks.popleft()
+        mask = self.masks.popleft()
+        self.mask = None if bool(mask.all()) else mask  # None: every row is a real sample
+
+    def _real(self, rows: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        return rows if self.mask is None else rows.index_select(dim, self.mask.nonzero()[:, 0])
 
     def _add(self, index: int, axis: str, a: torch.Tensor, sp: bool = False) -> None:
         """Per-token values ``a[s, b, k]`` → sequence aggregate → batch moments."""
-        m = sequence_aggregate(a, self.config.seq_agg, self.sp_group if sp else None)  # [b, k]
+        m = sequence_aggregate(a, self.config.seq_agg, self.sp_group if sp else None,
+                               self.scratch)  # [b, k]
         key = (index, axis)
         if key not in self.moments:
             self.moments[key] = Moments(m.shape[1], device=m.device)
-        self.moments[key].update(m[self.mask])
+        self.moments[key].update(self._real(m))
 
     # ------------------------------------------------------------------ hooks per module kind
     def _norm_hook(self, index: int, slot: int):
@@ -167,7 +173,7 @@ class ActivationRecorder:
             key = (index, "bi")
             if key not in self.moments:
                 self.moments[key] = Moments(1, device=cos.device)
-            self.moments[key].update(cos[:, self.mask].reshape(-1, 1))  # one row per token
+            self.moments[key].update(self._real(cos, 1).reshape(-1, 1))  # one row per token
         return hook
 
     # ------------------------------------------------------------------ reduction

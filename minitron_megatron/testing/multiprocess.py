@@ -71,6 +71,8 @@ def run_distributed(
             procs.append(proc)
         try:
             _wait(procs, status, timeout)
+            for proc in procs:  # let finished ranks exit normally: their exit handlers stop
+                proc.join(timeout=60)  # helper processes (dist_checkpointing's Manager)
         finally:
             for proc in procs:
                 if proc.is_alive():
