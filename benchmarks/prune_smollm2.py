@@ -6,14 +6,18 @@ Held-out (zero-shot, no retraining) LM loss on the Wikipedia validation split of
   65.3M of 134.5M parameters (48.6 %); TP-friendly (every sharded dim divisible by 3, the
   teacher's TP size). Importance-based plan (with and without the head residual) vs plans from
   random scores of the same shape (several seeds), plus one axis at a time;
-* **depth** — 30→15 layers (half the layers, 81.4M parameters) and 30→11 layers (67.3M, the
-  parameter-matched half): layers dropped by block importance (``bi``), by single-layer loss
-  increase (``loss``), as the contiguous block with the least loss increase (``block``), vs
-  random layer subsets.
+* **depth** — 30→15 layers (half the layers, 81.4M parameters; ``--depth-layers 15,11`` adds
+  30→11, 67.3M, the parameter-matched half): layers dropped by block importance (``bi``), by
+  single-layer loss increase (``loss``), as the contiguous block with the least loss increase
+  (``block``), vs random layer subsets.
 
 Width scores come from ``--calib-samples`` samples (one pass with hooks); the loss-based depth
 metrics need one pass per layer / block start and use ``--depth-calib-samples`` samples. All
-samples come from the train split; evaluation uses the validation split.
+samples come from the train split; evaluation uses the validation split. The defaults keep the
+run to a few minutes on 2 cores (32 / 4 calibration samples, 16 evaluation samples of 256 tokens);
+the fuller run in RESULTS_pruning.md used
+``--calib-samples 64 --depth-calib-samples 8 --eval-samples 32 --random-seeds 3
+--depth-layers 15,11``.
 
     python benchmarks/prune_smollm2.py --load /tmp/smol --data-path /tmp/wiki/wiki
 """
@@ -48,11 +52,12 @@ def main() -> None:
     parser.add_argument("--data-path", default="/tmp/wiki/wiki")
     parser.add_argument("--seq-length", type=int, default=256)
     parser.add_argument("--micro-batch-size", type=int, default=4)
-    parser.add_argument("--calib-samples", type=int, default=64)
-    parser.add_argument("--depth-calib-samples", type=int, default=8)
-    parser.add_argument("--eval-samples", type=int, default=32)
-    parser.add_argument("--random-seeds", type=int, default=3)
-    parser.add_argument("--depth-layers", default="15,11")
+    parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--depth-calib-samples", type=int, default=4)
+    parser.add_argument("--eval-samples", type=int, default=16)
+    parser.add_argument("--random-seeds", type=int, default=2)
+    parser.add_argument("--depth-layers", default="15",
+                        help="comma-separated layer counts to keep, e.g. 15,11")
     args = parser.parse_args()
 
     from minitron_megatron.checkpoint import find_checkpoint, load_checkpoint
