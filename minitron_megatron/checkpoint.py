@@ -9,10 +9,11 @@
         model_config.yaml                                      # ModelConfig: dims travel along
         tokenizer/ (tokenizer.json | tokenizer.model, tokenizer.yaml)
 
-The sharded state is ``{"model": model.sharded_state_dict(), "iteration": N, ...}`` as Megatron-LM
-writes it, so a checkpoint saved at one TP/PP loads at any other. Saves are atomic: every rank writes
-into ``CKPT/.iter_NNNNNNN.tmp``, rank 0 renames it into place and only then updates
-``latest_checkpointed_iteration.txt``; a crash mid-save leaves the previous checkpoint as the latest.
+The sharded state is ``{"model": model.sharded_state_dict(), "iteration": N, ...}`` as
+Megatron-LM writes it, so a checkpoint saved at one TP/PP loads at any other. Saves are atomic:
+every rank writes into ``CKPT/.iter_NNNNNNN.tmp``, rank 0 renames it into place and only then
+updates ``latest_checkpointed_iteration.txt``; a crash mid-save leaves the previous checkpoint as
+the latest.
 """
 
 from __future__ import annotations

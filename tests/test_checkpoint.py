@@ -7,7 +7,10 @@ import torch
 
 from minitron_megatron import checkpoint as ckpt_module
 from minitron_megatron.checkpoint import (
-    CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint,
+    CheckpointError,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
 )
 from minitron_megatron.config import ParallelConfig
 from minitron_megatron.data.loaders import DataConfig

@@ -9,8 +9,9 @@ accepts while ``LlamaConfig`` refuses it.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -46,13 +47,13 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         raise _unsupported("attention_bias/mlp_bias on Llama is not supported")
     if arch == "MistralForCausalLM" and hf.get("sliding_window"):
         raise _unsupported(f"sliding-window attention ({hf['sliding_window']}) is not supported")
-    scaling = hf.get("rope_scaling") or {}
+    scaling = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     rope_type = scaling.get("rope_type", scaling.get("type"))
     if rope_type not in (None, "default", "llama3"):
         raise _unsupported(f"rope scaling {rope_type!r} is not supported")
     if rope_type == "llama3" and any(scaling.get(k) != v for k, v in _LLAMA3_ROPE.items()):
         raise _unsupported(f"llama3 rope scaling other than {_LLAMA3_ROPE} is not supported")
-    rope_theta = hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 1e4))
+    rope_theta = hf.get("rope_theta") or scaling.get("rope_theta", 1e4)
     heads = hf["num_attention_heads"]
     return ModelConfig(
         num_layers=hf["num_hidden_layers"],

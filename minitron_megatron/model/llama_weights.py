@@ -7,7 +7,7 @@ key head, then its value head (``kv_channels`` rows each). With a gated MLP, ``l
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 

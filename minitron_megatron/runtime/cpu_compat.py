@@ -1,8 +1,9 @@
 """The one place that adapts Megatron-Core's CUDA assumptions to CPU ranks (gloo).
 
-Megatron-Core assumes a GPU in a handful of places. On a machine without CUDA, ``apply()`` installs
-one small adapter per assumption; with CUDA present it does nothing at all (the real code paths run,
-with TransformerEngine and fused kernels). Every adapter is exercised by ``tests/test_cpu_compat.py``.
+Megatron-Core assumes a GPU in a handful of places. On a machine without CUDA, ``apply()``
+installs one small adapter per assumption; with CUDA present it does nothing at all (the real code
+paths run, with TransformerEngine and fused kernels). Every adapter is exercised by
+``tests/test_cpu_compat.py``.
 
 Assumptions removed (numbered as in the team's notes):
 
@@ -28,7 +29,8 @@ import contextlib
 import functools
 import importlib
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
