@@ -72,4 +72,4 @@ def test_a_failing_rank_fails_the_run_at_once():
 @pytest.mark.multiprocess
 def test_a_hung_rank_times_out():
     with pytest.raises(DistributedRunError, match=r"ranks \[1\] did not finish"):
-        run_distributed(hang_on_rank_one, 2, timeout=15)
+        run_distributed(hang_on_rank_one, 2, timeout=10)

@@ -1,4 +1,4 @@
-"""The real teacher, SmolLM2-135M-Instruct from its GGUF: against transformers, at several layouts."""
+"""The real teacher (SmolLM2-135M-Instruct GGUF): against transformers, and across layouts."""
 
 from __future__ import annotations
 
