@@ -190,9 +190,11 @@ def load_checkpoint(
 
     request: dict[str, Any] = {"model": model.sharded_state_dict()}
     request.update(extra_sharded_state or {})
+    # strict: every requested tensor must be in the checkpoint; tensors it holds beyond the
+    # request (an optimizer's state when only the model is loaded) are fine.
     loaded = dist_checkpointing.load(
         request, str(info.path),
-        strict=StrictHandling.ASSUME_OK_UNEXPECTED if not strict else StrictHandling.RAISE_ALL,
+        strict=StrictHandling.RAISE_UNEXPECTED if strict else StrictHandling.LOG_UNEXPECTED,
     )
     model.load_state_dict(loaded.pop("model"), strict=strict)
     return loaded
