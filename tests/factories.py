@@ -58,8 +58,10 @@ def llama_hf_config(*, tied: bool, layers: int = 4, hidden: int = 64, heads: int
     import transformers
 
     cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-           "qwen2": transformers.Qwen2Config}[arch]
+           "qwen2": transformers.Qwen2Config, "nemotron": transformers.NemotronConfig}[arch]
     extra = {"sliding_window": None} if arch in ("mistral", "qwen2") else {}
+    if arch == "nemotron":
+        extra = {"partial_rotary_factor": 0.5, "norm_eps": 1e-5}
     return cls(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=ffn,
                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                head_dim=head_dim or hidden // heads, max_position_embeddings=256,
