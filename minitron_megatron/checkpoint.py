@@ -9,10 +9,11 @@
         model_config.yaml                                      # ModelConfig: dims travel along
         tokenizer/ (tokenizer.json | tokenizer.model, tokenizer.yaml)
 
-The sharded state is ``{"model": model.sharded_state_dict(), "iteration": N, ...}`` as Megatron-LM
-writes it, so a checkpoint saved at one TP/PP loads at any other. Saves are atomic: every rank writes
-into ``CKPT/.iter_NNNNNNN.tmp``, rank 0 renames it into place and only then updates
-``latest_checkpointed_iteration.txt``; a crash mid-save leaves the previous checkpoint as the latest.
+The sharded state is ``{"model": model.sharded_state_dict(), "iteration": N, ...}`` as
+Megatron-LM writes it, so a checkpoint saved at one TP/PP loads at any other. Saves are atomic:
+every rank writes into ``CKPT/.iter_NNNNNNN.tmp``, rank 0 renames it into place and only then
+updates ``latest_checkpointed_iteration.txt``; a crash mid-save leaves the previous checkpoint as
+the latest.
 """
 
 from __future__ import annotations
@@ -189,9 +190,11 @@ def load_checkpoint(
 
     request: dict[str, Any] = {"model": model.sharded_state_dict()}
     request.update(extra_sharded_state or {})
+    # strict: every requested tensor must be in the checkpoint; tensors it holds beyond the
+    # request (an optimizer's state when only the model is loaded) are fine.
     loaded = dist_checkpointing.load(
         request, str(info.path),
-        strict=StrictHandling.ASSUME_OK_UNEXPECTED if not strict else StrictHandling.RAISE_ALL,
+        strict=StrictHandling.RAISE_UNEXPECTED if strict else StrictHandling.LOG_UNEXPECTED,
     )
     model.load_state_dict(loaded.pop("model"), strict=strict)
     return loaded

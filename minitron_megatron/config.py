@@ -76,6 +76,9 @@ class ModelConfig:
     norm_epsilon: float = 1e-5
     """Epsilon of every norm."""
 
+    zero_centered_gamma: bool = False
+    """Norm weights stored as ``w - 1`` and applied as ``1 + w`` (Nemotron's LayerNorm1p)."""
+
     activation: Activation = "silu"
     """MLP activation; with ``gated_linear_unit`` silu gives SwiGLU, gelu gives GeGLU."""
 

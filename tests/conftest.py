@@ -59,6 +59,26 @@ def llama_ckpt_tied(tmp_path_factory, hf_llama_tied):
 
 
 @pytest.fixture(scope="session")
+def smollm2_ckpt(tmp_path_factory):
+    """The real SmolLM2-135M teacher imported from its GGUF (integration tests only)."""
+    from minitron_megatron.data.assets import smollm2_gguf
+
+    return factories.import_in_process(smollm2_gguf(), tmp_path_factory.mktemp("smollm2"))
+
+
+@pytest.fixture(scope="session")
+def wiki_dataset(tmp_path_factory, smollm2_ckpt):
+    """The Wikipedia corpus tokenized with SmolLM2's tokenizer (integration tests only)."""
+    from minitron_megatron.data.assets import wikipedia_corpus
+    from minitron_megatron.data.preprocess import preprocess
+    from minitron_megatron.data.tokenizer import Tokenizer
+
+    prefix = tmp_path_factory.mktemp("wiki") / "wiki"
+    preprocess(wikipedia_corpus(), Tokenizer.load(smollm2_ckpt), prefix)
+    return str(prefix)
+
+
+@pytest.fixture(scope="session")
 def gpt_ckpt(tmp_path_factory, tiny_tokenizer):
     """A tiny random GPT-2-style checkpoint (LayerNorm, gelu, learned positions, biases, tied)."""
     return factories.make_gpt_checkpoint(tmp_path_factory.mktemp("ck_gpt"),

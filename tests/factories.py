@@ -58,8 +58,10 @@ def llama_hf_config(*, tied: bool, layers: int = 4, hidden: int = 64, heads: int
     import transformers
 
     cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-           "qwen2": transformers.Qwen2Config}[arch]
+           "qwen2": transformers.Qwen2Config, "nemotron": transformers.NemotronConfig}[arch]
     extra = {"sliding_window": None} if arch in ("mistral", "qwen2") else {}
+    if arch == "nemotron":
+        extra = {"partial_rotary_factor": 0.5, "norm_eps": 1e-5}
     return cls(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=ffn,
                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                head_dim=head_dim or hidden // heads, max_position_embeddings=256,
@@ -106,6 +108,63 @@ def import_in_process(source: Path, save: Path) -> Path:
 def sample_tokens(batch: int = 2, seq: int = 32, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, 320, (batch, seq), generator=generator)
+
+
+def _llama_cpp_permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's q/k row order (what its converter writes into GGUF files)."""
+    return (weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
+            .transpose(1, 2).reshape(weight.shape))
+
+
+def make_gguf(hf_dir: Path, path: Path, tokenizer_json: Path) -> Path:
+    """Write a tiny HF Llama as an fp32 llama-architecture GGUF (llama.cpp's layout + BPE vocab)."""
+    import gguf
+    from safetensors.torch import load_file
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    tensors = load_file(str(hf_dir / "model.safetensors"))
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv)
+    writer.add_rope_freq_base(cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"])
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    vocab = json.loads(tokenizer_json.read_text())["model"]
+    tokens = sorted(vocab["vocab"], key=vocab["vocab"].get)
+    tokens += [f"<unused{i}>" for i in range(cfg["vocab_size"] - len(tokens))]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t.startswith("<|") else 1 for t in tokens])
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in vocab["merges"]])
+    writer.add_eos_token_id(tokens.index("<|endoftext|>"))
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for name, tensor in tensors.items():
+        if name.startswith("model.layers."):
+            _, _, index, rest = name.split(".", 3)
+            module = rest.rsplit(".", 1)[0]
+            if module == "self_attn.q_proj":
+                tensor = _llama_cpp_permute(tensor, heads)
+            elif module == "self_attn.k_proj":
+                tensor = _llama_cpp_permute(tensor, kv)
+            target = f"blk.{index}.{names[module]}.weight"
+        else:
+            target = {"model.embed_tokens.weight": "token_embd.weight",
+                      "model.norm.weight": "output_norm.weight",
+                      "lm_head.weight": "output.weight"}[name]
+        writer.add_tensor(target, tensor.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
 
 
 GPT_CONFIG = dict(num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,

@@ -7,7 +7,10 @@ import torch
 
 from minitron_megatron import checkpoint as ckpt_module
 from minitron_megatron.checkpoint import (
-    CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint,
+    CheckpointError,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
 )
 from minitron_megatron.config import ParallelConfig
 from minitron_megatron.data.loaders import DataConfig
@@ -125,3 +128,35 @@ def test_checkpoint_path_errors(tmp_path):
     (tmp_path / ckpt_module.TRACKER_FILE).write_text("3")
     with pytest.raises(CheckpointError, match="incomplete"):
         find_checkpoint(tmp_path)
+
+
+def test_model_only_load_ignores_extra_state_but_not_missing_tensors(llama_ckpt_untied, tmp_path):
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    ps = init_distributed(LaunchEnv(), ParallelConfig())
+    try:
+        info = find_checkpoint(llama_ckpt_untied)
+        model = build_model(info.model_config, ps, init_weights=False)
+        load_checkpoint(info, model=model)
+        extra = {"optimizer": {"moment": ShardedTensor.from_rank_offsets(
+            "optimizer.moment", torch.arange(6.0), replica_id=0)}}
+        save_checkpoint(tmp_path / "with_extra", model=model, model_config=info.model_config,
+                        extra_sharded_state=extra, common_state={"consumed_samples": 12})
+        fresh = build_model(info.model_config, ps)
+        loaded = load_checkpoint(find_checkpoint(tmp_path / "with_extra"), model=fresh)
+        assert loaded["consumed_samples"] == 12
+        for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+            if torch.is_tensor(a):
+                assert torch.equal(a, b), name
+        target = {"optimizer": {"moment": ShardedTensor.from_rank_offsets(
+            "optimizer.moment", torch.zeros(6), replica_id=0)}}
+        back = load_checkpoint(find_checkpoint(tmp_path / "with_extra"), model=fresh,
+                               extra_sharded_state=target)
+        assert torch.equal(back["optimizer"]["moment"], torch.arange(6.0))
+        missing = {"other": ShardedTensor.from_rank_offsets("other.w", torch.zeros(2),
+                                                            replica_id=0)}
+        with pytest.raises(BaseException, match="other.w"):
+            load_checkpoint(find_checkpoint(tmp_path / "with_extra"), model=fresh,
+                            extra_sharded_state=missing)
+    finally:
+        shutdown()

@@ -87,10 +87,12 @@ def test_round_trip_import_export(llama_ckpt_tied, hf_llama_tied, tmp_path):
     assert tok("ka lo mi").input_ids  # the tokenizer travels with the export
 
 
-@pytest.mark.parametrize("arch,extra", [("qwen2", {}), ("mistral", {"head_dim": 24})],
-                         ids=["qwen2-qkv-bias", "mistral-head-dim"])
+@pytest.mark.parametrize("arch,extra", [("qwen2", {}), ("mistral", {"head_dim": 24}),
+                                        ("nemotron", {})],
+                         ids=["qwen2-qkv-bias", "mistral-head-dim", "nemotron"])
 def test_other_llama_family_round_trip(arch, extra, tmp_path):
-    """Qwen2 (QKV bias) and a head width ≠ hidden/heads (as after pruning heads) round-trip."""
+    """Qwen2 (QKV bias), a head width ≠ hidden/heads (as after pruning heads) and Nemotron
+    (LayerNorm1p, squared ReLU, half RoPE) round-trip through import and export."""
     from minitron_megatron.model.convert import export_model
 
     hf_dir = factories.make_hf_llama(tmp_path / "src", tied=False, arch=arch, **extra)

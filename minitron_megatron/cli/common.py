@@ -6,7 +6,7 @@ import argparse
 import contextlib
 import logging
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

@@ -19,6 +19,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--params-dtype", choices=DTYPES, default="fp32")
     p.set_defaults(func=run_import)
 
+    p = sub.add_parser("import-megatron",
+                       help="adopt a Megatron-LM/NeMo torch_dist checkpoint (tensors linked)")
+    p.add_argument("--load", required=True, help="Megatron-LM checkpoint root (--save of MLM)")
+    p.add_argument("--save", required=True, help="minitron checkpoint directory to write")
+    p.add_argument("--tokenizer", default=None, help=".model / tokenizer.json to carry along")
+    p.add_argument("--model-config", default=None,
+                   help="ModelConfig YAML (default: read from the checkpoint's saved args)")
+    p.set_defaults(func=run_adopt)
+
     p = sub.add_parser("export-hf", help="minitron checkpoint → HF directory (transformers)")
     p.add_argument("--load", required=True, help="checkpoint directory")
     p.add_argument("--save", required=True, help="HF directory to write")
@@ -34,6 +43,16 @@ def run_import(args: argparse.Namespace) -> None:
         cfg = import_model(args.hf_path, args.save, ps, tokenizer=args.tokenizer,
                            params_dtype=DTYPES[args.params_dtype])
     log.info("imported %s → %s (%d parameters)", args.hf_path, args.save, cfg.num_parameters())
+
+
+def run_adopt(args: argparse.Namespace) -> None:
+    from minitron_megatron.config import ModelConfig
+    from minitron_megatron.model.megatron_lm import adopt_megatron_checkpoint
+
+    cfg = ModelConfig.load(args.model_config) if args.model_config else None
+    cfg = adopt_megatron_checkpoint(args.load, args.save, tokenizer=args.tokenizer,
+                                    model_config=cfg)
+    log.info("adopted %s → %s (%d parameters)", args.load, args.save, cfg.num_parameters())
 
 
 def run_export(args: argparse.Namespace) -> None:

@@ -7,7 +7,11 @@ import json
 from pathlib import Path
 
 from minitron_megatron.cli.common import (
-    DTYPES, add_data_args, add_parallel_args, parallel_config, run_distributed,
+    DTYPES,
+    add_data_args,
+    add_parallel_args,
+    parallel_config,
+    run_distributed,
 )
 
 

@@ -140,7 +140,8 @@ def byte_level_bpe_from_vocab(
     tokens: list[str], merges: list[str], special: list[int], *, digits: bool
 ) -> "tokenizers.Tokenizer":  # noqa: F821
     """A GPT-2 style byte-level BPE from a vocabulary and merges (as GGUF files store them)."""
-    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
 
     vocab = {tok: i for i, tok in enumerate(tokens)}
     pairs = [tuple(m.split(" ", 1)) for m in merges]

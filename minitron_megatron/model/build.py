@@ -79,6 +79,7 @@ def transformer_config(
         kv_channels=cfg.kv_channels,
         normalization=cfg.normalization,
         layernorm_epsilon=cfg.norm_epsilon,
+        layernorm_zero_centered_gamma=cfg.zero_centered_gamma,
         gated_linear_unit=cfg.gated_linear_unit,
         activation_func=_activation(cfg),
         add_bias_linear=cfg.add_bias_linear,

@@ -7,7 +7,8 @@ vocab-parallel logits shard into the full vocabulary.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 

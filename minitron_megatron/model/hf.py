@@ -1,7 +1,8 @@
 """Hugging Face Llama-family directories: ``config.json`` + safetensors ⇄ ModelConfig + tensors.
 
 Supported architectures: Llama, Mistral (sliding window off) and Qwen2 (QKV bias): GQA, SwiGLU,
-RMSNorm, RoPE, tied or untied embeddings. Exports whose head width differs from hidden/heads (pruned
+RMSNorm, RoPE, tied or untied embeddings; and Nemotron (Minitron's own family: LayerNorm1p,
+squared-ReLU MLP, partial RoPE). Exports whose head width differs from hidden/heads (pruned
 models) are written as ``MistralForCausalLM`` with an explicit ``head_dim``, which ``transformers``
 accepts while ``LlamaConfig`` refuses it.
 """
@@ -9,16 +10,18 @@ accepts while ``LlamaConfig`` refuses it.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
 from minitron_megatron.config import ModelConfig
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                           "NemotronForCausalLM")
 _MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-                "Qwen2ForCausalLM": "qwen2"}
+                "Qwen2ForCausalLM": "qwen2", "NemotronForCausalLM": "nemotron"}
 _LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
 
@@ -29,8 +32,9 @@ class UnsupportedModelError(ValueError):
 
 def _unsupported(what: str) -> UnsupportedModelError:
     return UnsupportedModelError(
-        f"{what}; supported: {', '.join(SUPPORTED_ARCHITECTURES)} (GQA, SwiGLU, RMSNorm, RoPE, "
-        f"tied or untied embeddings) and GGUF files of architecture 'llama'."
+        f"{what}; supported: {', '.join(SUPPORTED_ARCHITECTURES)} (GQA, SwiGLU/RMSNorm or "
+        f"Nemotron's squared-ReLU/LayerNorm1p, RoPE, tied or untied embeddings) and GGUF files "
+        f"of architecture 'llama'."
     )
 
 
@@ -40,19 +44,22 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     arch = archs[0] if archs else None
     if arch not in SUPPORTED_ARCHITECTURES:
         raise _unsupported(f"architecture {arch or hf.get('model_type')!r} is not supported")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise _unsupported(f"activation {hf['hidden_act']!r} is not supported")
+    nemotron = arch == "NemotronForCausalLM"
+    act = hf.get("hidden_act", "relu2" if nemotron else "silu")
+    if act != ("relu2" if nemotron else "silu"):
+        raise _unsupported(f"activation {act!r} is not supported for {arch}")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise _unsupported("attention_bias/mlp_bias on Llama is not supported")
+        raise _unsupported(f"attention_bias/mlp_bias on {arch} is not supported")
     if arch == "MistralForCausalLM" and hf.get("sliding_window"):
         raise _unsupported(f"sliding-window attention ({hf['sliding_window']}) is not supported")
-    scaling = hf.get("rope_scaling") or {}
+    scaling = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     rope_type = scaling.get("rope_type", scaling.get("type"))
     if rope_type not in (None, "default", "llama3"):
         raise _unsupported(f"rope scaling {rope_type!r} is not supported")
     if rope_type == "llama3" and any(scaling.get(k) != v for k, v in _LLAMA3_ROPE.items()):
         raise _unsupported(f"llama3 rope scaling other than {_LLAMA3_ROPE} is not supported")
-    rope_theta = hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 1e4))
+    rope_theta = hf.get("rope_theta") or scaling.get("rope_theta", 1e4)
+    partial = hf.get("partial_rotary_factor") or scaling.get("partial_rotary_factor", 1.0)
     heads = hf["num_attention_heads"]
     return ModelConfig(
         num_layers=hf["num_hidden_layers"],
@@ -63,12 +70,14 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         kv_channels=hf.get("head_dim") or hf["hidden_size"] // heads,
         vocab_size=hf["vocab_size"],
         padded_vocab_size=hf["vocab_size"],
-        normalization="RMSNorm",
-        norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
-        activation="silu",
-        gated_linear_unit=True,
+        normalization="LayerNorm" if nemotron else "RMSNorm",
+        zero_centered_gamma=nemotron,
+        norm_epsilon=float(hf.get("norm_eps", hf.get("rms_norm_eps", 1e-6))),
+        activation="squared_relu" if nemotron else "silu",
+        gated_linear_unit=not nemotron,
         position_embedding_type="rope",
         rotary_base=float(rope_theta),
+        rotary_percent=float(partial),
         rope_scaling_factor=float(scaling["factor"]) if rope_type == "llama3" else None,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         add_qkv_bias=arch == "Qwen2ForCausalLM",
@@ -76,16 +85,36 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     )
 
 
+def _architecture(cfg: ModelConfig) -> str:
+    """The HF class that holds this shape (see the module docstring); raises if none does."""
+    nemotron = (cfg.normalization == "LayerNorm" and cfg.zero_centered_gamma
+                and cfg.activation == "squared_relu" and not cfg.gated_linear_unit)
+    llama = (cfg.normalization == "RMSNorm" and not cfg.zero_centered_gamma
+             and cfg.activation == "silu" and cfg.gated_linear_unit)
+    problems = []
+    if not (nemotron or llama):
+        problems.append(f"{cfg.normalization} norms with a {cfg.activation} "
+                        f"{'gated ' if cfg.gated_linear_unit else ''}MLP")
+    if cfg.position_embedding_type != "rope" or (llama and cfg.rotary_percent != 1.0):
+        problems.append("non-RoPE (or partial RoPE) positions")
+    if cfg.add_bias_linear or (nemotron and cfg.add_qkv_bias):
+        problems.append("biases on linear layers")
+    if problems:
+        raise _unsupported(f"cannot export a model with {', '.join(problems)}")
+    if nemotron:
+        return "NemotronForCausalLM"
+    if cfg.add_qkv_bias:
+        return "Qwen2ForCausalLM"
+    if cfg.num_attention_heads * cfg.kv_channels != cfg.hidden_size:
+        return "MistralForCausalLM"
+    return "LlamaForCausalLM"
+
+
 def hf_config_for(cfg: ModelConfig, *, bos_id: int | None, eos_id: int | None,
                   dtype: torch.dtype) -> dict[str, Any]:
     """``config.json`` for an export; Mistral (head_dim explicit) when heads × head_dim ≠ hidden."""
-    _check_exportable(cfg)
-    if cfg.add_qkv_bias:
-        arch = "Qwen2ForCausalLM"
-    elif cfg.num_attention_heads * cfg.kv_channels != cfg.hidden_size:
-        arch = "MistralForCausalLM"
-    else:
-        arch = "LlamaForCausalLM"
+    arch = _architecture(cfg)
+    nemotron = arch == "NemotronForCausalLM"
     out: dict[str, Any] = {
         "architectures": [arch],
         "model_type": _MODEL_TYPES[arch],
@@ -95,9 +124,9 @@ def hf_config_for(cfg: ModelConfig, *, bos_id: int | None, eos_id: int | None,
         "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": cfg.num_query_groups,
         "head_dim": cfg.kv_channels,
-        "hidden_act": "silu",
+        "hidden_act": "relu2" if nemotron else "silu",
         "max_position_embeddings": cfg.max_position_embeddings,
-        "rms_norm_eps": cfg.norm_epsilon,
+        "norm_eps" if nemotron else "rms_norm_eps": cfg.norm_epsilon,
         "rope_theta": cfg.rotary_base,
         "tie_word_embeddings": cfg.tie_embeddings,
         "vocab_size": cfg.vocab_size,
@@ -107,6 +136,8 @@ def hf_config_for(cfg: ModelConfig, *, bos_id: int | None, eos_id: int | None,
         "attention_bias": False,
         "mlp_bias": False,
     }
+    if nemotron:
+        out["partial_rotary_factor"] = cfg.rotary_percent
     if cfg.rope_scaling_factor is not None:
         out["rope_scaling"] = {"rope_type": "llama3", "factor": cfg.rope_scaling_factor,
                                **_LLAMA3_ROPE}
@@ -115,20 +146,6 @@ def hf_config_for(cfg: ModelConfig, *, bos_id: int | None, eos_id: int | None,
     if arch == "Qwen2ForCausalLM":
         out["use_sliding_window"] = False
     return out
-
-
-def _check_exportable(cfg: ModelConfig) -> None:
-    problems = []
-    if cfg.normalization != "RMSNorm":
-        problems.append(f"normalization {cfg.normalization}")
-    if not (cfg.gated_linear_unit and cfg.activation == "silu"):
-        problems.append("a non-SwiGLU MLP")
-    if cfg.position_embedding_type != "rope" or cfg.rotary_percent != 1.0:
-        problems.append("non-RoPE (or partial RoPE) positions")
-    if cfg.add_bias_linear:
-        problems.append("biases on every linear layer")
-    if problems:
-        raise _unsupported(f"cannot export a model with {', '.join(problems)}")
 
 
 class SafetensorsSource:

@@ -1,13 +1,15 @@
-"""Llama-family weights: Hugging Face names and layouts ⇄ Megatron-Core's (TP=1, local spec).
+"""Llama-family (and Nemotron) weights: Hugging Face names and layouts ⇄ Megatron-Core's (TP=1,
+local spec).
 
 Megatron's ``linear_qkv`` interleaves per query group: for each group, its query heads, then its
 key head, then its value head (``kv_channels`` rows each). With a gated MLP, ``linear_fc1`` is
-``[gate; up]``. Vocabulary rows are padded to ``padded_vocab_size`` with zeros.
+``[gate; up]``; without (Nemotron), it is HF's ``up_proj``. LayerNorm biases map one to one.
+Vocabulary rows are padded to ``padded_vocab_size`` with zeros.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -43,13 +45,27 @@ def pad_vocab(cfg: ModelConfig, weight: torch.Tensor) -> torch.Tensor:
     return torch.cat([weight, weight.new_zeros(extra, *weight.shape[1:])]) if extra else weight
 
 
+def _norms(cfg: ModelConfig, layer: int) -> list[tuple[str, str]]:
+    """(Megatron, HF) names of a layer's norm parameters (``-1``: the final norm)."""
+    if layer < 0:
+        pairs = [("decoder.final_layernorm", "model.norm")]
+    else:
+        pairs = [(f"decoder.layers.{layer}.input_layernorm",
+                  f"model.layers.{layer}.input_layernorm"),
+                 (f"decoder.layers.{layer}.pre_mlp_layernorm",
+                  f"model.layers.{layer}.post_attention_layernorm")]
+    params = ("weight", "bias") if cfg.normalization == "LayerNorm" else ("weight",)
+    return [(f"{mc}.{p}", f"{hf}.{p}") for mc, hf in pairs for p in params]
+
+
 def hf_to_megatron(cfg: ModelConfig, get: Tensors) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield Megatron state-dict entries, reading HF tensors one at a time through ``get``."""
     yield "embedding.word_embeddings.weight", pad_vocab(cfg, get("model.embed_tokens.weight"))
     for i in range(cfg.num_layers):
         hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
         attn = hf + "self_attn."
-        yield mc + "input_layernorm.weight", get(hf + "input_layernorm.weight")
+        for mc_name, hf_name in _norms(cfg, i):
+            yield mc_name, get(hf_name)
         yield mc + "self_attention.linear_qkv.weight", interleave_qkv(
             cfg, get(attn + "q_proj.weight"), get(attn + "k_proj.weight"),
             get(attn + "v_proj.weight"))
@@ -58,12 +74,12 @@ def hf_to_megatron(cfg: ModelConfig, get: Tensors) -> Iterator[tuple[str, torch.
                 cfg, get(attn + "q_proj.bias"), get(attn + "k_proj.bias"),
                 get(attn + "v_proj.bias"))
         yield mc + "self_attention.linear_proj.weight", get(attn + "o_proj.weight")
-        yield mc + "pre_mlp_layernorm.weight", get(hf + "post_attention_layernorm.weight")
         mlp = hf + "mlp."
-        yield mc + "mlp.linear_fc1.weight", torch.cat(
-            [get(mlp + "gate_proj.weight"), get(mlp + "up_proj.weight")])
+        fc1 = ([get(mlp + "gate_proj.weight")] if cfg.gated_linear_unit else [])
+        yield mc + "mlp.linear_fc1.weight", torch.cat(fc1 + [get(mlp + "up_proj.weight")])
         yield mc + "mlp.linear_fc2.weight", get(mlp + "down_proj.weight")
-    yield "decoder.final_layernorm.weight", get("model.norm.weight")
+    for mc_name, hf_name in _norms(cfg, -1):
+        yield mc_name, get(hf_name)
     if not cfg.tie_embeddings:
         yield "output_layer.weight", pad_vocab(cfg, get("lm_head.weight"))
 
@@ -75,7 +91,8 @@ def megatron_to_hf(cfg: ModelConfig, get: Tensors) -> Iterator[tuple[str, torch.
     for i in range(cfg.num_layers):
         hf, mc = f"model.layers.{i}.", f"decoder.layers.{i}."
         attn = hf + "self_attn."
-        yield hf + "input_layernorm.weight", get(mc + "input_layernorm.weight")
+        for mc_name, hf_name in _norms(cfg, i):
+            yield hf_name, get(mc_name)
         q, k, val = split_qkv(cfg, get(mc + "self_attention.linear_qkv.weight"))
         yield from ((attn + "q_proj.weight", q), (attn + "k_proj.weight", k),
                     (attn + "v_proj.weight", val))
@@ -84,12 +101,14 @@ def megatron_to_hf(cfg: ModelConfig, get: Tensors) -> Iterator[tuple[str, torch.
             yield from ((attn + "q_proj.bias", q), (attn + "k_proj.bias", k),
                         (attn + "v_proj.bias", val))
         yield attn + "o_proj.weight", get(mc + "self_attention.linear_proj.weight")
-        yield hf + "post_attention_layernorm.weight", get(mc + "pre_mlp_layernorm.weight")
-        gate, up = torch.chunk(get(mc + "mlp.linear_fc1.weight"), 2)
-        yield hf + "mlp.gate_proj.weight", gate
-        yield hf + "mlp.up_proj.weight", up
+        fc1 = get(mc + "mlp.linear_fc1.weight")
+        if cfg.gated_linear_unit:
+            gate, fc1 = torch.chunk(fc1, 2)
+            yield hf + "mlp.gate_proj.weight", gate
+        yield hf + "mlp.up_proj.weight", fc1
         yield hf + "mlp.down_proj.weight", get(mc + "mlp.linear_fc2.weight")
-    yield "model.norm.weight", get("decoder.final_layernorm.weight")
+    for mc_name, hf_name in _norms(cfg, -1):
+        yield hf_name, get(mc_name)
     if not cfg.tie_embeddings:
         yield "lm_head.weight", get("output_layer.weight")[:v]
 

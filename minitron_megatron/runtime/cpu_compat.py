@@ -1,8 +1,9 @@
 """The one place that adapts Megatron-Core's CUDA assumptions to CPU ranks (gloo).
 
-Megatron-Core assumes a GPU in a handful of places. On a machine without CUDA, ``apply()`` installs
-one small adapter per assumption; with CUDA present it does nothing at all (the real code paths run,
-with TransformerEngine and fused kernels). Every adapter is exercised by ``tests/test_cpu_compat.py``.
+Megatron-Core assumes a GPU in a handful of places. On a machine without CUDA, ``apply()``
+installs one small adapter per assumption; with CUDA present it does nothing at all (the real code
+paths run, with TransformerEngine and fused kernels). Every adapter is exercised by
+``tests/test_cpu_compat.py``.
 
 Assumptions removed (numbered as in the team's notes):
 
@@ -14,8 +15,9 @@ Assumptions removed (numbered as in the team's notes):
    the modules that do this see ``torch`` through ``_TorchOnCpu``, where "cuda" means the CPU.
 2. The model-parallel RNG tracker keeps CUDA RNG states (``model_parallel_cuda_manual_seed``, the
    dropout ``fork()`` even at p=0): its get/set state functions use the CPU generator instead.
-3. The plain-torch norm wrapper asserts ``not sequence_parallel``; with SP its parameters need the
-   ``sequence_parallel`` attribute so their grads are summed over TP: ``_torch_norm_for_cpu``.
+3. The plain-torch norm wrapper asserts ``not sequence_parallel`` (and no zero-centered gamma,
+   which apex/TE provide on GPU); with SP its parameters need the ``sequence_parallel``
+   attribute so their grads are summed over TP: ``_TorchNormForCpu``.
 5. ``Tensor.cuda()`` for tied embeddings with PP > 1: the shared-weight set-up runs with
    ``Tensor.cuda`` as the identity.
 7. gloo's ``all_gather_into_tensor`` rejects 0-dim inputs: they are viewed as 1-element tensors.
@@ -28,7 +30,8 @@ import contextlib
 import functools
 import importlib
 import types
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -134,14 +137,41 @@ def _set_cpu_rng_state(new_state: torch.Tensor, *args: Any, **kwargs: Any) -> No
     torch.set_rng_state(new_state)
 
 
+class _ZeroCenteredLayerNorm(torch.nn.LayerNorm):
+    """LayerNorm applying ``1 + weight`` (TE/apex ``zero_centered_gamma``, Nemotron's 1p)."""
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.elementwise_affine:
+            torch.nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.layer_norm(x, self.normalized_shape, self.weight + 1,
+                                              self.bias, self.eps)
+
+
+class _ZeroCenteredRMSNorm(torch.nn.RMSNorm):
+    """RMSNorm applying ``1 + weight``."""
+
+    def reset_parameters(self) -> None:
+        if self.elementwise_affine:
+            torch.nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.rms_norm(x, self.normalized_shape, self.weight + 1, self.eps)
+
+
 class _TorchNormForCpu:
-    """Plain torch LayerNorm/RMSNorm (as ``WrappedTorchNorm``), allowed under sequence parallel:
-    the parameters are marked ``sequence_parallel`` so Megatron sums their grads over TP."""
+    """Plain torch LayerNorm/RMSNorm (as ``WrappedTorchNorm``), allowed under sequence parallel
+    (the parameters are marked ``sequence_parallel`` so Megatron sums their grads over TP) and
+    with zero-centered gamma (which the wrapper refuses; TE and apex provide it on GPU)."""
 
     def __new__(cls, config: Any, hidden_size: int, eps: float = 1e-5, **kwargs: Any):
-        norm_cls = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}.get(
-            config.normalization
-        )
+        centered = config.layernorm_zero_centered_gamma
+        norm_cls = {
+            ("LayerNorm", False): torch.nn.LayerNorm, ("RMSNorm", False): torch.nn.RMSNorm,
+            ("LayerNorm", True): _ZeroCenteredLayerNorm, ("RMSNorm", True): _ZeroCenteredRMSNorm,
+        }.get((config.normalization, centered))
         if norm_cls is None:
             raise ValueError(f"unsupported normalization {config.normalization!r} on CPU")
         norm = norm_cls(normalized_shape=hidden_size, eps=eps)

@@ -11,8 +11,8 @@ import contextlib
 import datetime
 import random
 import socket
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Iterator, Mapping
 
 import numpy as np
 import torch

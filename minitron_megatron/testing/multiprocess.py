@@ -21,8 +21,9 @@ import queue
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -78,7 +79,7 @@ def run_distributed(
                 if proc.is_alive():
                     proc.kill()
                 proc.join()
-        return [torch.load(Path(result_dir) / f"rank{r}.pt", weights_only=False)
+        return [torch.load(Path(result_dir) / f"rank{r}.pt", weights_only=True)
                 for r in range(len(procs))]
 
 
