@@ -9,6 +9,7 @@ import torch
 from minitron_megatron.checkpoint import find_checkpoint
 from minitron_megatron.importance import ImportanceConfig, estimate_importance
 from minitron_megatron.importance.depth import skip_layers
+from minitron_megatron.model.build import count_parameters
 from minitron_megatron.model.forward import full_logits
 from minitron_megatron.pruning import PruneTargets, apply_plan, make_plan, prune_checkpoint
 from minitron_megatron.pruning.apply import PLAN_FILE
@@ -152,7 +153,8 @@ def test_pruning_matches_reference_slice(which, request):
 
 
 def prune_at_tp2_pp2(env, ckpts: list[str], plans: list, outs: list[str], tokens):
-    """Prune each checkpoint at TP=2×PP=2, then load the result at TP=2: its logits."""
+    """Prune each checkpoint at TP=2×PP=2, then load the result at TP=2: its logits and its
+    parameter count (summed over ranks)."""
     results = []
     try:
         for ckpt, plan, out in zip(ckpts, plans, outs, strict=True):
@@ -160,7 +162,8 @@ def prune_at_tp2_pp2(env, ckpts: list[str], plans: list, outs: list[str], tokens
             prune_checkpoint(info, plan, out, ps)
             ps, _, pruned = load_at(env, out, 2, 1)
             logits = full_logits(pruned, ps, tokens)
-            results.append(logits if ps.tp_rank == 0 else None)
+            results.append((logits if ps.tp_rank == 0 else None,
+                            count_parameters(pruned, ps)))
     finally:
         shutdown()
     return results
@@ -198,7 +201,8 @@ def test_pruned_at_tp2_pp2_equals_pruned_at_tp1(llama_ckpt_untied, gpt_ckpt, tmp
             assert torch.equal(at_tp1, full_logits(b, ps, tokens))
         finally:
             shutdown()
-        tp2 = [r[i] for r in per_rank if r[i] is not None]
+        assert {r[i][1] for r in per_rank} == {plan.target.num_parameters()}
+        tp2 = [r[i][0] for r in per_rank if r[i][0] is not None]
         assert len(tp2) == 2  # TP rank 0 of both DP replicas
         for logits in tp2:
             assert torch.allclose(logits, at_tp1, atol=1e-5, rtol=1e-5), (

@@ -150,7 +150,32 @@ def build_model(
         rope_scaling_factor=cfg.rope_scaling_factor or 8.0,
         pg_collection=ps.pg_collection(),
     )
+    if not init_weights:
+        _mark_tensor_parallel_weights(model)
     return model.to(ps.device)
+
+
+def _mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
+    """Megatron sets the ``tensor_model_parallel`` / ``partition_dim`` attributes of a sharded
+    weight only while initialising it; a model built to be loaded needs them too (parameter
+    counting and Megatron's grad-norm de-duplication read them)."""
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
+
+    for module in model.modules():
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            dim = 0
+        elif isinstance(module, RowParallelLinear):
+            dim = 1
+        else:
+            continue
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.nn.Parameter) and not hasattr(weight, "partition_dim"):
+            set_tensor_model_parallel_attributes(weight, True, dim, 1)
 
 
 def count_parameters(model: torch.nn.Module, ps: ParallelState) -> int:
