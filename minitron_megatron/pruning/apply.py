@@ -12,6 +12,7 @@ Peak memory is the source shard, the pruned shard and one gathered layer; with
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -42,6 +43,7 @@ from minitron_megatron.pruning.targets import check_layout
 from minitron_megatron.runtime.distributed import ParallelState
 
 PLAN_FILE = "prune_plan.json"
+QKV_PARAMS = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias")
 
 
 def _slice(param: torch.Tensor, rule: Rule, index: dict[str, torch.Tensor], sizes: dict[str, int],
@@ -65,8 +67,9 @@ def _prune_layer(layer: torch.nn.Module, layer_plan: LayerPlan, plan: PrunePlan,
     out = {}
     for name, param in layer.named_parameters():
         fold = None
-        if layer_plan.head_residual and name.startswith("self_attention.linear_qkv."):
-            fold = lambda t: fold_pruned_heads(t, plan.source, layer_plan.head_residual)  # noqa: E731
+        if layer_plan.head_residual and name in QKV_PARAMS:
+            fold = functools.partial(fold_pruned_heads, src=plan.source,
+                                     pairs=layer_plan.head_residual)
         out[name] = _slice(param, rule_for(name, LAYER_RULES), index, sizes, ps,
                            gated=is_gated_fc1(name, plan.source), fold=fold)
     return out
