@@ -1,13 +1,19 @@
 """``minitron demo``: the end-to-end run on the real SmolLM2-135M teacher and Wikipedia text.
 
-Each stage is the real CLI launched the way a user launches it (``python -m minitron_megatron`` for
-single-process stages, ``torchrun`` for parallel ones), timed, and summarised in a table and a
-markdown report in the output directory.
+Stages (each the real CLI, launched as a user would: ``python -m minitron_megatron`` for
+single-process stages, ``torchrun`` for parallel ones; timed):
+
+1. import the SmolLM2-135M GGUF; 2. tokenize the Wikipedia corpus (fixed 98/2 document split);
+3. teacher's held-out loss at TP=3; 4. importance on 3 ranks (TP=3: SmolLM2's 3 query groups);
+5. prune to about half the parameters; 6. pruned zero-shot loss; 7. distillation (teacher and
+student forward together, logit forward KL); 8. distilled loss. Then a table (losses,
+parameters, wall time per stage), ``report.md`` and ``val_loss.png`` in the output directory.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -16,35 +22,53 @@ from pathlib import Path
 
 from minitron_megatron.data import assets
 
+# About half of SmolLM2-135M (134.5M → 68.5M, 50.9 %), every size divisible by TP=3.
+PRUNE_TARGET = {"hidden_size": 448, "ffn_hidden_size": 768, "num_attention_heads": 6}
+
 
 @dataclass(kw_only=True, frozen=True)
 class DemoConfig:
     """What the demo runs; ``quick`` shrinks every budget for CI."""
 
     output_dir: Path
-    """Everything the demo writes goes here (checkpoints, data, report)."""
+    """Everything the demo writes goes here (checkpoints, data, report, plot)."""
 
     quick: bool = False
     """A tiny slice of the same path (CI smoke test)."""
 
+    nproc: int = 3
+    """Ranks of the parallel stages (TP = nproc: it must divide SmolLM2's 3 query groups)."""
+
     seq_length: int = 256
     """Tokens per sample."""
 
-    eval_samples: int = 64
+    eval_samples: int = 48
     """Validation samples every loss is measured on."""
 
-    nproc: int = 3
-    """Ranks of the parallel stages (TP=3: SmolLM2's 3 query groups)."""
+    calib_samples: int = 64
+    """Calibration samples of the importance stage."""
+
+    distill_iters: int = 150
+    """Distillation steps (the demo's main budget: ≈ 8 minutes on 2 cores)."""
+
+    global_batch_size: int = 8
+    """Samples per distillation step."""
 
     python: str = field(default_factory=lambda: sys.executable)
     """Interpreter that runs the stages."""
 
     def __post_init__(self) -> None:
         if self.quick:
-            object.__setattr__(self, "seq_length", 64)
-            object.__setattr__(self, "eval_samples", 6)
-        if self.eval_samples <= 0 or self.seq_length <= 0:
-            raise ValueError("eval samples and seq length must be positive.")
+            for name, value in (("seq_length", 64), ("eval_samples", 6), ("calib_samples", 6),
+                                ("distill_iters", 4), ("global_batch_size", 2)):
+                object.__setattr__(self, name, value)
+        if 3 % self.nproc:
+            raise ValueError(f"--nproc {self.nproc} must divide SmolLM2's 3 query groups "
+                             f"(use 1 or 3).")
+        for name in ("seq_length", "eval_samples", "calib_samples", "distill_iters",
+                     "global_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"demo {name} must be positive.")
 
 
 @dataclass
@@ -69,42 +93,133 @@ class Demo:
         else:
             cmd = [self.cfg.python, "-m", "minitron_megatron", *args]
         print(f"[demo] {name}: {' '.join(cmd[2:])}", flush=True)
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
         start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         seconds = time.perf_counter() - start
         if proc.returncode != 0:
-            sys.stderr.write(proc.stderr[-4000:])
+            sys.stderr.write(proc.stdout[-2000:] + proc.stderr[-4000:])
             raise RuntimeError(f"demo stage {name!r} failed (exit {proc.returncode})")
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         output = json.loads(lines[-1]) if lines else {}
         self.results.append(StageResult(name, seconds, output))
         return output
 
+    def _evaluate(self, name: str, ckpt: Path) -> dict:
+        cfg = self.cfg
+        return self._run(name, [
+            "evaluate", "--load", str(ckpt), "--data-path", str(self.data),
+            "--seq-length", str(cfg.seq_length), "--eval-samples", str(cfg.eval_samples),
+            "--micro-batch-size", "2", "--tensor-model-parallel-size", str(cfg.nproc),
+        ], nproc=cfg.nproc)
+
     def run(self) -> list[StageResult]:
         cfg, d = self.cfg, self.dir
         gguf, corpus = assets.smollm2_gguf(), assets.wikipedia_corpus()
         d.mkdir(parents=True, exist_ok=True)
-        teacher = d / "teacher"
-        self._run("import", ["import-hf", "--hf-path", str(gguf), "--save", str(teacher)])
+        teacher, student, distilled = d / "teacher", d / "pruned", d / "distilled"
+        self.data = d / "data" / "wiki"
+        tp = ["--tensor-model-parallel-size", str(cfg.nproc)]
+        self._run("import teacher", ["import-hf", "--hf-path", str(gguf), "--save", str(teacher)])
         self._run("preprocess", ["preprocess", "--input", str(corpus), "--tokenizer",
-                                 str(teacher), "--output-prefix", str(d / "data" / "wiki")])
-        self._run("evaluate teacher (TP=3)", [
-            "evaluate", "--load", str(teacher), "--data-path", str(d / "data" / "wiki"),
-            "--seq-length", str(cfg.seq_length), "--eval-samples", str(cfg.eval_samples),
-            "--micro-batch-size", "2", "--tensor-model-parallel-size", str(cfg.nproc),
+                                 str(teacher), "--output-prefix", str(self.data)])
+        self._evaluate("teacher loss", teacher)
+        self._run("importance", [
+            "importance", "--load", str(teacher), "--data-path", str(self.data),
+            "--seq-length", str(cfg.seq_length), "--calib-samples", str(cfg.calib_samples),
+            "--micro-batch-size", "2", "--save-scores", str(d / "scores.safetensors"), *tp,
         ], nproc=cfg.nproc)
+        targets = [f"--target-{k.replace('_', '-')}" for k in PRUNE_TARGET]
+        self._run("prune", [
+            "prune", "--load", str(teacher), "--scores", str(d / "scores.safetensors"),
+            "--save", str(student),
+            *(x for flag, v in zip(targets, PRUNE_TARGET.values()) for x in (flag, str(v))), *tp,
+        ], nproc=cfg.nproc)
+        self._evaluate("pruned zero-shot loss", student)
+        self._run("distill", [
+            "distill", "--teacher", str(teacher), "--student", str(student),
+            "--data-path", str(self.data), "--save", str(distilled),
+            "--seq-length", str(cfg.seq_length), "--micro-batch-size", "2",
+            "--global-batch-size", str(cfg.global_batch_size),
+            "--train-iters", str(cfg.distill_iters), "--lr", "3e-4", "--min-lr", "3e-5",
+            "--lr-warmup-iters", str(max(1, cfg.distill_iters // 20)),
+            "--lr-decay-style", "cosine", "--clip-grad", "1.0",
+            "--eval-interval", str(max(1, cfg.distill_iters // 6)), "--eval-iters", "2",
+            "--save-interval", str(cfg.distill_iters), "--log-interval", "10", *tp,
+        ], nproc=cfg.nproc)
+        self._evaluate("distilled loss", distilled)
         self.write_report()
         return self.results
+
+    # ------------------------------------------------------------------ report
+    def summary(self) -> dict[str, float]:
+        by_name = {r.name: r.output for r in self.results}
+        prune = by_name.get("prune", {})
+        return {
+            "teacher_loss": by_name.get("teacher loss", {}).get("loss"),
+            "pruned_loss": by_name.get("pruned zero-shot loss", {}).get("loss"),
+            "distilled_loss": by_name.get("distilled loss", {}).get("loss"),
+            "teacher_parameters": prune.get("source_parameters"),
+            "student_parameters": prune.get("parameters"),
+            "total_seconds": sum(r.seconds for r in self.results),
+        }
 
     def table(self) -> str:
         rows = ["| stage | wall time (s) | result |", "|---|---:|---|"]
         for r in self.results:
             shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                              for k, v in r.output.items())
+                              for k, v in r.output.items() if not isinstance(v, dict))
             rows.append(f"| {r.name} | {r.seconds:.1f} | {shown} |")
+        s = self.summary()
+        rows.append(f"| **total** | {s['total_seconds']:.1f} | |")
         return "\n".join(rows)
 
+    def curve(self) -> list[tuple[int, float]]:
+        """Validation loss of the student during distillation (iteration, loss)."""
+        path = self.dir / "distilled" / "metrics.jsonl"
+        if not path.is_file():
+            return []
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [(r["iteration"], r["val_loss"]) for r in records if "val_loss" in r]
+
     def write_report(self) -> None:
-        text = f"# minitron demo\n\n{self.table()}\n"
+        s = self.summary()
+        lines = ["# minitron demo: SmolLM2-135M → half size, on CPU ranks", ""]
+        if s["teacher_parameters"]:
+            lines += [
+                "| model | parameters | held-out loss |", "|---|---:|---:|",
+                f"| teacher | {s['teacher_parameters']:,} | {s['teacher_loss']:.4f} |",
+                f"| pruned (zero-shot) | {s['student_parameters']:,} | {s['pruned_loss']:.4f} |",
+                f"| pruned + distilled | {s['student_parameters']:,} | "
+                f"{s['distilled_loss']:.4f} |", "",
+            ]
+        lines += ["## Stages", "", self.table(), ""]
+        curve = self.curve()
+        if curve:
+            lines += ["## Student validation loss during distillation", "",
+                      "| iteration | val loss |", "|---:|---:|"]
+            lines += [f"| {it} | {loss:.4f} |" for it, loss in curve]
+            lines += ["", "![validation loss](val_loss.png)", ""]
+            self._plot(curve)
+        text = "\n".join(lines)
         (self.dir / "report.md").write_text(text)
         print(text, flush=True)
+
+    def _plot(self, curve: list[tuple[int, float]]) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        s = self.summary()
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([c[0] for c in curve], [c[1] for c in curve], marker="o", label="student (KD)")
+        if s["teacher_loss"] is not None:
+            ax.axhline(s["teacher_loss"], color="gray", linestyle="--", label="teacher")
+        ax.set_xlabel("distillation iteration")
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.set_title("Pruned SmolLM2 recovering by distillation")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.dir / "val_loss.png", dpi=120)
+        plt.close(fig)
