@@ -46,7 +46,7 @@ def kd_steps(env, teacher, student, data_path, save_root, layouts, objectives):
                 teacher_before = [p.detach().clone() for p in trainer.model.teacher.parameters()]
                 steps = [trainer.train_step() for _ in range(STEPS)]
                 frozen = all(torch.equal(a, b) for a, b in
-                             zip(teacher_before, trainer.model.teacher.parameters()))
+                             zip(teacher_before, trainer.model.teacher.parameters(), strict=True))
                 trainable = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
                 no_teacher_state = not any(id(p) in trainable
                                            for p in trainer.model.teacher.parameters())
@@ -82,5 +82,6 @@ def test_kd_steps_match_single_process_at_every_layout(llama_ckpt_untied, studen
             assert frozen, f"teacher changed, has optimizer state, or miscounted at {layout}"
             expected = torch.tensor(reference[names.index(name)][0], dtype=torch.float64)
             got = torch.tensor(metrics, dtype=torch.float64)
+            where = f"{name} at TP,PP,SP={layout} rank {rank}"
             torch.testing.assert_close(got, expected, rtol=RTOL, atol=0.0,
-                                       msg=lambda m: f"{name} at TP,PP,SP={layout} rank {rank}: {m}")
+                                       msg=lambda m, where=where: f"{where}: {m}")

@@ -7,9 +7,9 @@ import logging
 import sys
 import warnings
 
-from minitron_megatron.cli import convert, data, demo, evaluate
+from minitron_megatron.cli import convert, data, demo, distill, evaluate
 
-COMMANDS = (convert, data, evaluate, demo)
+COMMANDS = (convert, data, evaluate, distill, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

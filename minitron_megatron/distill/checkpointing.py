@@ -25,7 +25,11 @@ import numpy as np
 import torch
 
 from minitron_megatron.checkpoint import (
-    CheckpointError, CheckpointInfo, find_checkpoint, latest_iteration, load_checkpoint,
+    CheckpointError,
+    CheckpointInfo,
+    find_checkpoint,
+    latest_iteration,
+    load_checkpoint,
     save_checkpoint,
 )
 from minitron_megatron.config import ModelConfig

@@ -130,6 +130,10 @@ class TrainConfig:
     load: Path | None = None
     """Resume from the latest checkpoint of this run directory (if it holds one)."""
 
+    exit_interval: int = 0
+    """Stop (after saving) once the iteration is a multiple of this; 0 never (as Megatron-LM's
+    --exit-interval: split a long run into jobs that fit a time limit)."""
+
     use_distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks (GPU; needs bf16/fp16 params)."""
 
@@ -149,7 +153,7 @@ class TrainConfig:
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, "
                                  f"got {value!r}.")
-        for name in ("eval_interval", "save_interval", "lr_warmup_iters"):
+        for name in ("eval_interval", "save_interval", "lr_warmup_iters", "exit_interval"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be ≥ 0.")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:

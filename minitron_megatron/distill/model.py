@@ -81,7 +81,7 @@ class DistillationModel(torch.nn.Module):
         return sum(self.widths)
 
     def tensor_shapes_adjust_fn(self, recv_shapes: list, send_shapes: list):
-        """For the 1F1B schedule: p2p tensors carry the whole bundle (``adjust_tensor_shapes_fn``)."""
+        """Megatron's ``adjust_tensor_shapes_fn`` (1F1B): the p2p tensors carry the bundle."""
         widen = [(*shape[:-1], self.bundle_width) for shape in recv_shapes]
         return widen, [(*shape[:-1], self.bundle_width) for shape in send_shapes]
 

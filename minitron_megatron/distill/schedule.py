@@ -66,4 +66,4 @@ def forward_backward(
     if store and ps.is_last_stage and ps.tp_rank == 0:  # TP ranks hold identical sums
         sums = torch.stack([item["report"].cpu() for item in store]).sum(0)
     sums = ps.all_reduce(sums)  # over every pipeline and data-parallel rank
-    return dict(zip(REPORT_KEYS, sums.tolist()))
+    return dict(zip(REPORT_KEYS, sums.tolist(), strict=True))

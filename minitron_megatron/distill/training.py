@@ -30,7 +30,10 @@ import torch
 from minitron_megatron.checkpoint import CheckpointInfo, load_checkpoint
 from minitron_megatron.data.loaders import DataConfig, build_datasets, shard_for_data_parallel
 from minitron_megatron.distill.checkpointing import (
-    TrainState, load_training_checkpoint, resumable_checkpoint, save_training_checkpoint,
+    TrainState,
+    load_training_checkpoint,
+    resumable_checkpoint,
+    save_training_checkpoint,
 )
 from minitron_megatron.distill.config import KDConfig, TrainConfig
 from minitron_megatron.distill.model import DistillationModel
@@ -70,7 +73,9 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     def _build(self) -> None:
         from megatron.core.distributed import (
-            DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads,
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
         )
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -216,11 +221,11 @@ class Trainer:
                 "layout": {"tp": self.ps.tp_size, "pp": self.ps.pp_size, "dp": self.ps.dp_size}}
 
     # ------------------------------------------------------------------ the loop
-    def run(self, *, exit_interval: int | None = None) -> RunResult:
+    def run(self) -> RunResult:
         """Train up to ``train_iters`` steps (from where a resumed run stands): log, evaluate
-        and checkpoint on their intervals, and save at the end. ``exit_interval``: stop (after
-        saving) once the iteration is a multiple of it, like Megatron-LM's flag."""
+        and checkpoint on their intervals, save at the end (or at the exit interval)."""
         t = self.train_cfg
+        exit_interval = t.exit_interval
         progress = Progress(t.save, total_iters=t.train_iters, start_iter=self.state.iteration,
                             active=self.ps.rank == 0, wandb_project=t.wandb_project,
                             wandb_run_name=t.wandb_run_name, run_config=self.run_config())

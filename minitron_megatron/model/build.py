@@ -162,7 +162,9 @@ def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
     optimizer's gradient norm and ``count_parameters`` would then count rank 0's shards only.
     """
     from megatron.core.tensor_parallel.layers import (
-        ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
         set_tensor_model_parallel_attributes,
     )
 

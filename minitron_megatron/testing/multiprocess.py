@@ -29,6 +29,10 @@ import torch
 from minitron_megatron.runtime.distributed import LaunchEnv, free_port
 
 
+_EXIT_GRACE_S = 10.0
+"""How long ranks may take to exit after reporting (or after another rank failed)."""
+
+
 class DistributedRunError(RuntimeError):
     """A rank failed or the run timed out."""
 
@@ -72,6 +76,11 @@ def run_distributed(
         try:
             _wait(procs, status, timeout)
         finally:
+            # Ranks that reported are still exiting: their exit handlers stop helper processes
+            # (dist_checkpointing's writer manager); killing them now would orphan those.
+            deadline = time.monotonic() + _EXIT_GRACE_S
+            for proc in procs:
+                proc.join(timeout=max(deadline - time.monotonic(), 0.0))
             for proc in procs:
                 if proc.is_alive():
                     proc.kill()
