@@ -31,8 +31,6 @@ Example::
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 
@@ -46,10 +44,20 @@ def _all_reduce(tensor: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tens
     return tensor
 
 
+def _rows_per_chunk(vocab: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(vocab, 1))
+
+
 def _row_chunks(rows: int, vocab: int):
-    step = max(1, CHUNK_ELEMENTS // max(vocab, 1))
+    step = _rows_per_chunk(vocab)
     for start in range(0, rows, step):
         yield slice(start, min(start + step, rows))
+
+
+def _workspace(count: int, rows: int, vocab: int, device) -> list[torch.Tensor]:
+    """``count`` fp32 chunk buffers, reused by every chunk (no allocation per chunk)."""
+    shape = (min(_rows_per_chunk(vocab), rows), vocab)
+    return [torch.empty(shape, dtype=torch.float32, device=device) for _ in range(count)]
 
 
 def _vocab_range(vocab_local: int, group) -> tuple[int, int]:
@@ -69,7 +77,16 @@ def _global_top_k_threshold(teacher: torch.Tensor, k: int, group) -> torch.Tenso
 
 
 class _VocabParallelKD(torch.autograd.Function):
-    """Per-token (τ²·KL, CE) over a TP-sharded vocabulary; gradient analytic, written in place."""
+    """Per-token (τ²·KL, CE) over a TP-sharded vocabulary; gradient analytic, written in place.
+
+    With ``u = (z − max z)/τ`` (student ``u_s``, teacher ``u_t``), ``S = Σ_v exp(u_v)`` summed
+    over all shards, ``p = exp(u_s)/S_s`` and ``q = exp(u_t)/S_t``::
+
+        KL(q‖p) = Σ q (log q − log p) = Σ exp(u_t)(u_t − u_s) / S_t + log S_s − log S_t
+        KL(p‖q) = Σ exp(u_s)(u_s − u_t) / S_s + log S_t − log S_s
+
+    so one pass over the shard gives every partial sum, and one all-reduce completes them.
+    """
 
     @staticmethod
     def forward(ctx, student, teacher, labels, temperature, reverse, top_k, group):
@@ -77,101 +94,113 @@ class _VocabParallelKD(torch.autograd.Function):
         s = student.view(-1, vocab)  # [N, V/tp] (a view: the gradient is written into it)
         t = teacher.reshape(-1, vocab)  # [N, V/tp]
         n = s.shape[0]
-        inv_t = 1.0 / temperature
         with_ce = labels is not None
+        lo, hi = _vocab_range(vocab, group)
 
-        # Pass 1: row maxima over the whole vocabulary. max(z/τ) = max(z)/τ for τ > 0.
+        # Row maxima over the whole vocabulary (max(z/τ) = max(z)/τ for τ > 0).
         maxima = torch.stack([s.amax(-1).float(), t.amax(-1).float()])  # [2, N]
         _all_reduce(maxima, group, dist.ReduceOp.MAX)
         max_s, max_t = maxima
         threshold = _global_top_k_threshold(t, top_k, group) if top_k else None  # [N]
 
-        # Pass 2: Σ exp over the vocabulary (τ-scaled for both, τ = 1 for the student's CE),
-        # and the label logit held by the rank that owns the label's column.
-        lo, hi = _vocab_range(vocab, group)
-        sums = torch.zeros(4, n, dtype=torch.float32, device=s.device)  # [S_s, S_t, S_1, z_lab]
+        # One pass: partial sums [S_s, S_t, Σ exp(u)·(u_t − u_s) (or reverse), S at τ=1, z_label].
+        sums = torch.zeros(5, n, dtype=torch.float32, device=s.device)
+        work = _workspace(3, n, vocab, s.device)
         for rows in _row_chunks(n, vocab):
-            zs = s[rows].float() - max_s[rows, None]  # [r, V/tp]
-            zt = _teacher_shifted(t[rows], max_t[rows], threshold, rows)
-            sums[0, rows] = torch.exp(zs * inv_t).sum(-1)
-            sums[1, rows] = torch.exp(zt * inv_t).sum(-1)
+            r = rows.stop - rows.start
+            u_s = _shifted(s[rows], max_s[rows], temperature, out=work[0][:r])  # [r, V/tp]
+            u_t = _shifted(t[rows], max_t[rows], temperature, threshold, rows, out=work[1][:r])
+            if with_ce and temperature != 1.0:
+                sums[3, rows] = torch.mul(u_s, temperature, out=work[2][:r]).exp_().sum(-1)
+            diff = torch.sub(*((u_s, u_t) if reverse else (u_t, u_s)), out=work[2][:r])
             if with_ce:
-                sums[2, rows] = sums[0, rows] if temperature == 1.0 else zs.exp().sum(-1)
                 lab = labels.reshape(-1)[rows]
                 owned = (lab >= lo) & (lab < hi)
-                local = (lab - lo).clamp(0, vocab - 1)
-                picked = zs.gather(-1, local[:, None]).squeeze(-1)  # [r]
-                sums[3, rows] = torch.where(owned, picked, torch.zeros_like(picked))
+                local = (lab - lo).clamp(0, vocab - 1)[:, None]
+                picked = s[rows].gather(-1, local).squeeze(-1).float() - max_s[rows]  # [r]
+                sums[4, rows] = torch.where(owned, picked, torch.zeros_like(picked))
+            e_s, e_t = u_s.exp_(), u_t.exp_()  # in place
+            sums[0, rows] = e_s.sum(-1)
+            sums[1, rows] = e_t.sum(-1)
+            sums[2, rows] = diff.mul_(e_s if reverse else e_t).sum(-1)
         _all_reduce(sums, group)
         log_s, log_t = sums[0].log(), sums[1].log()  # [N]
-
-        # Pass 3: the KL, summed term by term from exact log-probabilities.
-        kl = torch.zeros(n, dtype=torch.float32, device=s.device)
-        for rows in _row_chunks(n, vocab):
-            logp = (s[rows].float() - max_s[rows, None]) * inv_t - log_s[rows, None]
-            logq = _teacher_shifted(t[rows], max_t[rows], threshold, rows) * inv_t
-            logq -= log_t[rows, None]
-            if reverse:
-                kl[rows] = (logp.exp() * (logp - logq)).sum(-1)
-            else:
-                q = logq.exp()
-                kl[rows] = (q * (logq - logp).nan_to_num(0.0, 0.0, 0.0)).sum(-1)  # 0·(−∞) → 0
-        _all_reduce(kl, group)
+        wide = sums.double()  # the per-token combination in fp64: no rounding of its own
+        if reverse:
+            kl = (wide[2] / wide[0] + wide[1].log() - wide[0].log()).float()
+        else:
+            kl = (wide[2] / wide[1] + wide[0].log() - wide[1].log()).float()
 
         ctx.save_for_backward(s, t, max_s, max_t, log_s, log_t, kl,
                               *([] if threshold is None else [threshold]))
         ctx.labels = labels.reshape(-1) if with_ce else None
-        ctx.log_ce = sums[2].log() if with_ce else None
-        ctx.config = (temperature, reverse, group, tuple(student.shape), lo, hi)
+        log_ce = (log_s if temperature == 1.0 else sums[3].log()) if with_ce else None
+        ctx.log_ce = log_ce
+        ctx.config = (temperature, reverse, tuple(student.shape), lo)
         kd = (kl * temperature**2).view(student.shape[:-1])
-        ce = (ctx.log_ce - sums[3]).view(student.shape[:-1]) if with_ce else None
-        if ce is None:
+        if not with_ce:
             ce = kd.new_zeros(())
             ctx.mark_non_differentiable(ce)
-        return kd, ce
+            return kd, ce
+        return kd, (log_ce - sums[4]).view(student.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad_kd, grad_ce):
         s, t, max_s, max_t, log_s, log_t, kl, *rest = ctx.saved_tensors
         threshold = rest[0] if rest else None
-        temperature, reverse, _, shape, lo, _ = ctx.config
-        inv_t = 1.0 / temperature
+        temperature, reverse, shape, lo = ctx.config
         vocab = s.shape[-1]
-        g_kd = (grad_kd.reshape(-1).float() * temperature if grad_kd is not None
-                else torch.zeros_like(kl))  # [N]; ∂(τ²KL)/∂z = τ·∂KL/∂(z/τ)
+        # ∂(τ²·KL)/∂z = τ · ∂KL/∂u
+        a = (grad_kd.reshape(-1).float() * temperature if grad_kd is not None
+             else torch.zeros_like(kl))  # [N]
         labels = ctx.labels
         g_ce = grad_ce.reshape(-1).float() if labels is not None and grad_ce is not None else None
+        fold_ce = g_ce is not None and temperature == 1.0 and not reverse
+        # log p = (z − max)/τ − log S = z/τ − (max/τ + log S): one shift per row
+        shift_s, shift_t = max_s + temperature * log_s, max_t + temperature * log_t
+        in_place = s.dtype == torch.float32  # else an fp32 buffer, copied back at the end
+        work = _workspace(2 if in_place else 3, s.shape[0], vocab, s.device)
         for rows in _row_chunks(s.shape[0], vocab):
-            zs = s[rows].float() - max_s[rows, None]  # [r, V/tp]
-            logp = zs * inv_t - log_s[rows, None]
-            p = logp.exp()
-            if reverse:
-                logq = _teacher_shifted(t[rows], max_t[rows], threshold, rows) * inv_t
-                logq -= log_t[rows, None]
-                grad = p * (logp - logq - kl[rows, None])  # ∂KL(p‖q)/∂(z/τ)
-            else:
-                q = (_teacher_shifted(t[rows], max_t[rows], threshold, rows) * inv_t
-                     - log_t[rows, None]).exp()
-                grad = p - q  # ∂KL(q‖p)/∂(z/τ)
-            grad *= g_kd[rows, None]
-            if g_ce is not None:
-                # softmax at τ = 1 (already in hand when τ = 1; p is not needed any more)
-                p1 = p if temperature == 1.0 else (zs - ctx.log_ce[rows, None]).exp()
+            r = rows.stop - rows.start
+            p1 = None
+            if g_ce is not None and not fold_ce:  # softmax at τ = 1, before s is overwritten
+                p1 = _shifted(s[rows], (max_s + ctx.log_ce)[rows], 1.0, out=work[1][:r]).exp_()
+            log_q = _shifted(t[rows], shift_t[rows], temperature, threshold, rows,
+                             out=work[0][:r])
+            log_p = _shifted(s[rows], shift_s[rows], temperature,
+                             out=s[rows] if in_place else work[2][:r])
+            if reverse:  # ∂KL(p‖q)/∂u = p ⊙ (log p − log q − KL)
+                log_q.neg_().add_(log_p).sub_(kl[rows, None])
+                grad = log_p.exp_().mul_(log_q).mul_(a[rows, None])
+            elif fold_ce:  # a·(p − q) + g_ce·(p − onehot), p shared at τ = 1
+                grad = log_p.exp_().mul_((a + g_ce)[rows, None])
+                grad.sub_(log_q.exp_().mul_(a[rows, None]))
+            else:  # ∂KL(q‖p)/∂u = p − q
+                grad = log_p.exp_().sub_(log_q.exp_()).mul_(a[rows, None])
+            if g_ce is not None:  # + g_ce·(softmax(z) − onehot(label))
+                if p1 is not None:
+                    grad.add_(p1.mul_(g_ce[rows, None]))
                 lab = labels[rows]
-                owned = (lab >= lo) & (lab < lo + vocab)
-                local = (lab - lo).clamp(0, vocab - 1)
-                p1.scatter_add_(-1, local[:, None], -owned.float()[:, None])  # softmax − onehot
-                grad += p1 * g_ce[rows, None]
-            s[rows] = grad.to(s.dtype)  # in place: the logits are consumed
-        return s.view(shape), None, None, None, None, None, None
+                owned = ((lab >= lo) & (lab < lo + vocab)).float()
+                local = (lab - lo).clamp(0, vocab - 1)[:, None]
+                grad.scatter_add_(-1, local, -(owned * g_ce[rows])[:, None])
+            if not in_place:
+                s[rows] = grad
+        return s.view(shape), None, None, None, None, None, None  # the logits are consumed
 
 
-def _teacher_shifted(t_rows, max_t_rows, threshold, rows) -> torch.Tensor:
-    """``z_t − max`` in fp32, with −∞ outside the global top-k when it is used: ``[r, V/tp]``."""
-    zt = t_rows.float() - max_t_rows[:, None]
+_MASKED = -1e30
+"""Shifted teacher logit outside the top-k: exp() is exactly 0, products with it stay finite."""
+
+
+def _shifted(z_rows, shift_rows, temperature, threshold=None, rows=None, *, out) -> torch.Tensor:
+    """``(z − shift)/τ`` in fp32, written to ``out``; ``_MASKED`` outside the global top-k."""
+    u = torch.sub(z_rows, shift_rows[:, None], out=out)
+    if temperature != 1.0:
+        u.mul_(1.0 / temperature)
     if threshold is not None:
-        zt.masked_fill_(t_rows.float() < threshold[rows, None], -math.inf)
-    return zt
+        u.masked_fill_(z_rows < threshold[rows, None].to(z_rows.dtype), _MASKED)
+    return u
 
 
 def vocab_parallel_kd_loss(

@@ -35,7 +35,6 @@ def check_run(*, student: CheckpointInfo, teacher: CheckpointInfo | None, kd: KD
               train: TrainConfig, parallel: ParallelConfig, world_size: int,
               params_dtype: torch.dtype = torch.float32, on_gpu: bool = False) -> None:
     """Raise ``ValueError`` (or ``CheckpointError``) for the first problem found."""
-    dp = parallel.data_parallel_size(world_size)
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     for role, info in (("student", student), ("teacher", teacher)):
         if info is None:
@@ -46,7 +45,7 @@ def check_run(*, student: CheckpointInfo, teacher: CheckpointInfo | None, kd: KD
             raise ValueError(f"the {role} ({info.root}) cannot be laid out at TP={tp}, PP={pp}: "
                              f"{err} Teacher and student share the layout, so it must suit "
                              f"both.") from None
-    train.microbatches(dp)
+    train.microbatches(parallel.data_parallel_size(world_size))
     if teacher is not None:
         _check_same_vocabulary(student, teacher)
         (kd or KDConfig()).check_layers(student.model_config.num_layers,

@@ -141,11 +141,12 @@ class Trainer:
             return build_datasets(self.data, eod_id=eod_id_of(info),
                                   vocab_size=info.model_config.vocab_size, num_samples=needed)
         except ValueError as err:
-            raise ValueError(
-                f"{err} (this run needs --train-iters × --global-batch-size = {needed['train']} "
-                f"training samples and --eval-iters × --global-batch-size = "
-                f"{needed.get('valid', 0)} validation samples of --seq-length "
-                f"{self.data.seq_length} tokens)") from None
+            want = f"--train-iters × --global-batch-size = {needed['train']} training samples"
+            if "valid" in needed:
+                want += (f" and --eval-iters × --global-batch-size = {needed['valid']} "
+                         f"validation samples")
+            raise ValueError(f"{err} (this run needs {want} of --seq-length "
+                             f"{self.data.seq_length} tokens)") from None
 
     # ------------------------------------------------------------------ steps
     def train_step(self) -> dict[str, float]:
