@@ -58,7 +58,8 @@ BAD = {
     "pairs": ("good", ["--kd-intermediate", "0:9"], "pair 0:9 is out of range"),
     "reverse-top-k": ("good", ["--kd-reverse", "--kd-top-k", "4"], "--kd-reverse with --kd-top-k"),
     "bf16-on-cpu": ("good", ["--params-dtype", "bf16"], "needs a GPU"),
-    "wandb-missing": ("good", ["--wandb-project", "p"], "pip install 'minitron-megatron\\[wandb\\]'"),
+    "wandb-missing": ("good", ["--wandb-project", "p"],
+                      "pip install 'minitron-megatron\\[wandb\\]'"),
 }
 
 
@@ -122,7 +123,8 @@ def test_finetune_is_cross_entropy_without_teacher(students, tiny_dataset, tmp_p
     info = find_checkpoint(students["good"])
     with distributed(LaunchEnv(), ParallelConfig()) as ps:
         data = DataConfig(data_path=tiny_dataset, seq_length=32)
-        train = build_datasets(data, eod_id=eod_id_of(info), vocab_size=info.model_config.vocab_size,
+        train = build_datasets(data, eod_id=eod_id_of(info),
+                               vocab_size=info.model_config.vocab_size,
                                num_samples={"train": 4})["train"]
         model = build_model(info.model_config, ps, init_weights=False)
         from minitron_megatron.checkpoint import load_checkpoint
