@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
@@ -142,9 +142,6 @@ class TrainConfig:
 
     wandb_run_name: str | None = None
     """Name of the wandb run (default: the save directory's name)."""
-
-    extra: dict = field(default_factory=dict)
-    """Free-form facts stored with the metrics (the command line, for instance)."""
 
     def __post_init__(self) -> None:
         for name in ("train_iters", "global_batch_size", "micro_batch_size", "eval_iters",

@@ -14,9 +14,10 @@ loss is the plain KL. With ``top_k``, the teacher keeps only its ``k`` largest l
 top-k over all TP shards) and ``q`` is renormalised over them.
 
 How the vocabulary is never gathered (as in Megatron's ``tensor_parallel/cross_entropy.py``):
-the row maxima are all-reduced (MAX) over the TP group, then the sums of exponentials, then the
-per-row KL partial sums (SUM). Every pass walks the local shard in row chunks of about
-``CHUNK_ELEMENTS`` elements, so the fp32 temporaries are a small, fixed fraction of the logits.
+the row maxima are all-reduced (MAX) over the TP group; one pass then gives this shard's sums of
+exponentials and KL partial sums, all-reduced (SUM) together. Every pass walks the local shard
+in row chunks of about ``CHUNK_ELEMENTS`` elements through reused fp32 buffers, so the
+temporaries are a small, fixed fraction of the logits.
 Nothing is saved for backward but the two logit tensors themselves and a few numbers per token;
 the backward recomputes ``p − q`` chunk by chunk from the logits and writes the gradient **in
 place into the student-logits buffer** (which the loss consumes, as Megatron's cross entropy

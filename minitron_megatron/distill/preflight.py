@@ -48,6 +48,10 @@ def check_run(*, student: CheckpointInfo, teacher: CheckpointInfo | None, kd: KD
     train.microbatches(parallel.data_parallel_size(world_size))
     if teacher is not None:
         _check_same_vocabulary(student, teacher)
+        top_k = (kd or KDConfig()).top_k
+        if top_k and top_k > teacher.model_config.padded_vocab_size:
+            raise ValueError(f"--kd-top-k {top_k} exceeds the vocabulary "
+                             f"({teacher.model_config.padded_vocab_size}); choose a smaller k.")
         (kd or KDConfig()).check_layers(student.model_config.num_layers,
                                         teacher.model_config.num_layers)
     resumable_checkpoint(train.load, student.model_config)
