@@ -56,7 +56,11 @@ def main() -> None:
     parser.add_argument("--micro-batch-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     teacher, student = find_checkpoint(args.teacher), find_checkpoint(args.student)
     n_t, n_s = teacher.model_config.num_parameters(), student.model_config.num_parameters()
@@ -71,12 +75,23 @@ def main() -> None:
                            teacher=teacher if with_teacher else None, ps=ps)
 
         kd_run, ce_run = trainer(True), trainer(False)
-        kd_times, ce_times = [], []
+        tokens = torch.randint(0, student.model_config.vocab_size,
+                               (args.micro_batch_size, args.seq_length))
+        positions = torch.arange(args.seq_length).expand(args.micro_batch_size, -1)
+
+        def teacher_forward() -> float:
+            start = time.perf_counter()
+            with torch.no_grad():
+                kd_run.model.teacher(tokens, positions, None)
+            return time.perf_counter() - start
+
+        kd_times, ce_times, teacher_times = [], [], []
         for i in range(iters):
-            kd_step, ce_step = kd_run.train_step(), ce_run.train_step()
+            kd_step, ce_step, t_fwd = kd_run.train_step(), ce_run.train_step(), teacher_forward()
             if i >= args.warmup:
                 kd_times.append(kd_step["step_time"])
                 ce_times.append(ce_step["step_time"])
+                teacher_times.append(t_fwd)
         vocab = student.model_config.padded_vocab_size
         loss_kd, loss_ce = loss_only_times(args.micro_batch_size * args.seq_length, vocab)
 
@@ -86,9 +101,12 @@ def main() -> None:
           f"threads, {args.steps} interleaved steps each; FLOP-ideal ratio {ideal:.3f}")
     t_kd = t_ce = 0.0
     for stat in (min, statistics.median):  # min: least disturbed by other load on the machine
-        t_kd, t_ce = stat(kd_times), stat(ce_times)
+        t_kd, t_ce, t_fwd = stat(kd_times), stat(ce_times), stat(teacher_times)
         print(f"{stat.__name__:>6}: KD step {t_kd:.3f} s | CE step {t_ce:.3f} s | measured ratio "
               f"{t_kd / t_ce:.3f} | ÷ FLOP-ideal = {t_kd / t_ce / ideal:.3f}   (goal ≤ 1.05)")
+        print(f"        teacher forward alone {t_fwd:.3f} s = {t_fwd / t_ce:.3f} CE steps "
+              f"(FLOP share {ideal - 1:.3f}); KD step − CE step − teacher forward = "
+              f"{t_kd - t_ce - t_fwd:+.3f} s (what the KD machinery adds)")
     print(f"loss alone, fwd+bwd on {args.micro_batch_size * args.seq_length}×{vocab} logits: "
           f"our KD {loss_kd:.3f} s | Megatron CE {loss_ce:.3f} s "
           f"(share of the KD step: {loss_kd / t_kd:.1%})")

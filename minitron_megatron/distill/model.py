@@ -74,6 +74,12 @@ class DistillationModel(torch.nn.Module):
             self.projection = HiddenStateProjection(
                 h_s, h_t, ps=ps, dtype=student.config.params_dtype,
                 init_std=student.config.init_method_std, seed=seed)
+        if ps.is_last_stage:
+            # GPTModel hands its logits, still in Megatron's [s, b, V/tp] layout, to
+            # compute_language_model_loss: returning them from there spares the [b, s]
+            # transposed copies that a label-less forward makes of both logit tensors.
+            for model in (student, teacher):
+                model.compute_language_model_loss = _logits_as_they_are
 
     # ------------------------------------------------------------------ Megatron hooks
     @property
@@ -111,19 +117,19 @@ class DistillationModel(torch.nn.Module):
             out = self.module(tokens, position_ids, None, labels=labels)
             return StageOutput(ce=out) if self.ps.is_last_stage else out
         self._captured.clear()
-        student_out = self.module(tokens, position_ids, None)
+        student_out = self.module(tokens, position_ids, None, labels=labels)
         with torch.no_grad():
-            teacher_out = self.teacher(tokens, position_ids, None)
+            teacher_out = self.teacher(tokens, position_ids, None, labels=labels)
         pairs = self._pair_states(student_out)
         if not self.ps.is_last_stage:
             flat = [state for pair in pairs for state in pair]
             return torch.cat([student_out, teacher_out, *flat], dim=-1)
-        kd, ce = vocab_parallel_kd_loss(
-            student_out, teacher_out, labels=labels, temperature=self.kd.temperature,
+        kd, ce = vocab_parallel_kd_loss(  # logits [s, b, V/tp] → per-token [s, b]
+            student_out, teacher_out, labels=labels.t(), temperature=self.kd.temperature,
             reverse=self.kd.reverse, top_k=self.kd.top_k, tp_group=self.ps.tp_group)
         del student_out, teacher_out  # the logits live on only inside the loss's backward
         intermediate = [cosine_loss(h_s, h_t, self.projection, self.ps) for h_s, h_t in pairs]
-        return StageOutput(ce=ce, kd=kd, intermediate=intermediate)
+        return StageOutput(ce=ce.t(), kd=kd.t(), intermediate=intermediate)
 
     def _capture_hook(self, side: str, layer: int):
         def hook(module, args, output):
@@ -150,8 +156,15 @@ class DistillationModel(torch.nn.Module):
         return states
 
     def _hidden_shape(self, like: torch.Tensor) -> tuple[int, int]:
-        """``(s(/tp), b)`` of the hidden states of this stage (``like``: a stage output)."""
-        if self.ps.is_last_stage:  # logits [b, s, V/tp]
-            b, s = like.shape[:2]
-            return (s // self.ps.tp_size if self.ps.sequence_parallel else s), b
-        return tuple(like.shape[:2])
+        """``(s(/tp), b)`` of the hidden states of this stage (``like``: a stage output,
+        hidden states ``[s(/tp), b, h]`` or, on the last stage, logits ``[s, b, V/tp]``)."""
+        s, b = like.shape[:2]
+        if self.ps.is_last_stage and self.ps.sequence_parallel:
+            s //= self.ps.tp_size
+        return s, b
+
+
+def _logits_as_they_are(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``compute_language_model_loss`` of the distilled models' last stages: the logits
+    ``[s, b, V/tp]`` themselves, left for the vocab-parallel KD loss."""
+    return logits
