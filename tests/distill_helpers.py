@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from minitron_megatron.checkpoint import find_checkpoint, save_checkpoint
 from minitron_megatron.config import ModelConfig, ParallelConfig
 from minitron_megatron.runtime.distributed import LaunchEnv, distributed
@@ -33,7 +31,3 @@ def make_student(directory: Path, teacher_ckpt: Path, *, seed: int = 7, **change
                         tokenizer_dir=find_checkpoint(teacher_ckpt).tokenizer_dir)
     return Path(directory)
 
-
-def sample_tensor_logits(shape, seed: int, scale: float = 3.0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=generator) * scale

@@ -72,6 +72,34 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up
     def _build(self) -> None:
+        self.datasets = self._datasets()  # data errors come before any model is built
+        resume = resumable_checkpoint(self.train_cfg.load, self.student_info.model_config)
+        self._build_models(load_student=resume is None)
+        self._build_optimizer()
+        self.state = TrainState()
+        if resume is not None:
+            self.state = load_training_checkpoint(
+                resume, student=self.student, projection=self.model.projection,
+                optimizer=self.optimizer, scheduler=self.scheduler, ps=self.ps)
+
+    def _build_models(self, *, load_student: bool) -> None:
+        """Student (loaded unless a resume restores it) and frozen teacher, this rank's stage."""
+        ps, dtype = self.ps, self.params_dtype
+        student = build_model(self.student_info.model_config, ps, params_dtype=dtype,
+                              init_weights=False)
+        if load_student:
+            load_checkpoint(self.student_info, model=student)
+        teacher = None
+        if self.teacher_info is not None:
+            teacher = build_model(self.teacher_info.model_config, ps, params_dtype=dtype,
+                                  init_weights=False)
+            load_checkpoint(self.teacher_info, model=teacher)
+        self.student = student
+        self.model = DistillationModel(student, teacher, kd=self.kd or KDConfig(), ps=ps,
+                                       seed=self.seed)
+
+    def _build_optimizer(self) -> None:
+        """Megatron DDP around the teacher–student model, its optimizer and LR schedule."""
         from megatron.core.distributed import (
             DistributedDataParallel,
             DistributedDataParallelConfig,
@@ -81,23 +109,7 @@ class Trainer:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         t, ps = self.train_cfg, self.ps
-        cfg = self.student_info.model_config
-        self.datasets = self._datasets()  # data errors come before any model is built
-        resume = resumable_checkpoint(t.load, cfg)
-
-        student = build_model(cfg, ps, params_dtype=self.params_dtype, init_weights=False)
-        if resume is None:
-            load_checkpoint(self.student_info, model=student)
-        teacher = None
-        if self.teacher_info is not None:
-            teacher = build_model(self.teacher_info.model_config, ps,
-                                  params_dtype=self.params_dtype, init_weights=False)
-            load_checkpoint(self.teacher_info, model=teacher)
-        self.student = student
-        self.model = DistillationModel(student, teacher, kd=self.kd or KDConfig(), ps=ps,
-                                       seed=self.seed)
-
-        config = student.config
+        config = self.student.config
         config.calculate_per_token_loss = True  # grads ÷ tokens of the whole global batch
         self.ddp = DistributedDataParallel(
             config=config,
@@ -125,12 +137,6 @@ class Trainer:
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = self.ddp.no_sync
         config.grad_scale_func = self.optimizer.scale_loss
-
-        self.state = TrainState()
-        if resume is not None:
-            self.state = load_training_checkpoint(
-                resume, student=student, projection=self.model.projection,
-                optimizer=self.optimizer, scheduler=self.scheduler, ps=ps)
 
     def _datasets(self):
         t, info = self.train_cfg, self.student_info
