@@ -184,7 +184,10 @@ def load_checkpoint(
     strict: bool = True,
 ) -> dict[str, Any]:
     """Load ``info``'s tensors into this rank's ``model`` (any TP/PP) and return the loaded state
-    (common items and the loaded ``extra_sharded_state``)."""
+    (common items and the loaded ``extra_sharded_state``).
+
+    With ``strict``, every requested tensor must be in the checkpoint; items the checkpoint holds
+    beyond the request (a training run's optimizer and RNG state) are left unread."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 

@@ -7,9 +7,9 @@ import logging
 import sys
 import warnings
 
-from minitron_megatron.cli import convert, data, demo, evaluate, importance, prune
+from minitron_megatron.cli import convert, data, demo, distill, evaluate, importance, prune
 
-COMMANDS = (convert, data, importance, prune, evaluate, demo)
+COMMANDS = (convert, data, importance, prune, distill, evaluate, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

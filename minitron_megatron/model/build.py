@@ -151,14 +151,17 @@ def build_model(
         pg_collection=ps.pg_collection(),
     )
     if not init_weights:
-        _mark_tensor_parallel_weights(model)
+        mark_tensor_parallel_weights(model)
     return model.to(ps.device)
 
 
-def _mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
-    """Megatron sets the ``tensor_model_parallel`` / ``partition_dim`` attributes of a sharded
-    weight only while initialising it; a model built to be loaded needs them too (parameter
-    counting and Megatron's grad-norm de-duplication read them)."""
+def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
+    """Set Megatron's ``tensor_model_parallel`` / ``partition_dim`` attributes on sharded weights.
+
+    Megatron-Core sets them only while initialising a weight, so a model built without
+    initialisation (to load a checkpoint) would have every weight look TP-replicated: the
+    optimizer's gradient norm and ``count_parameters`` would then count rank 0's shards only.
+    """
     from megatron.core.tensor_parallel.layers import (
         ColumnParallelLinear,
         RowParallelLinear,
@@ -171,11 +174,15 @@ def _mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
             dim = 0
         elif isinstance(module, RowParallelLinear):
             dim = 1
-        else:
-            continue
+        else:  # TransformerEngine's parallel linears name their mode
+            dim = {"column": 0, "row": 1}.get(getattr(module, "parallel_mode", None))
+            if dim is None:
+                continue
         weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.nn.Parameter) and not hasattr(weight, "partition_dim"):
-            set_tensor_model_parallel_attributes(weight, True, dim, 1)
+        if isinstance(weight, torch.nn.Parameter) and not getattr(
+                weight, "tensor_model_parallel", False):
+            set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim,
+                                                 stride=getattr(module, "stride", 1))
 
 
 def count_parameters(model: torch.nn.Module, ps: ParallelState) -> int:

@@ -29,6 +29,12 @@ import torch
 
 from minitron_megatron.runtime.distributed import LaunchEnv, free_port
 
+_EXIT_GRACE_S = 10.0
+"""How long the other ranks may take to exit after one failed (they may hang in a collective)."""
+
+_EXIT_GRACE_OK_S = 60.0
+"""How long ranks may take to exit after all reported success."""
+
 
 class DistributedRunError(RuntimeError):
     """A rank failed or the run timed out."""
@@ -70,11 +76,16 @@ def run_distributed(
                                args=(rank, env, fn, args, kwargs, result_dir, status))
             proc.start()
             procs.append(proc)
+        grace = _EXIT_GRACE_S
         try:
             _wait(procs, status, timeout)
-            for proc in procs:  # let finished ranks exit normally: their exit handlers stop
-                proc.join(timeout=60)  # helper processes (dist_checkpointing's Manager)
+            grace = _EXIT_GRACE_OK_S
         finally:
+            # Ranks that reported are still exiting: their exit handlers stop helper processes
+            # (dist_checkpointing's writer manager); killing them now would orphan those.
+            deadline = time.monotonic() + grace
+            for proc in procs:
+                proc.join(timeout=max(deadline - time.monotonic(), 0.0))
             for proc in procs:
                 if proc.is_alive():
                     proc.kill()

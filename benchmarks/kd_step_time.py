@@ -1,0 +1,116 @@
+"""KD step time vs student-only CE step time, against the FLOP-ideal ratio (measured side by side).
+
+A KD step runs the teacher forward (≈ 2·N_teacher FLOPs per token) and the student forward and
+backward (≈ 6·N_student); a plain CE step only the latter. The FLOP-ideal ratio is therefore
+``(2·N_teacher + 6·N_student) / (6·N_student)``; this prints the measured ratio divided by it
+(goal ≤ 1.05: KD costs no more than the teacher's forward FLOPs). Steps of the two runs are
+interleaved so that load on a shared machine hits both alike; medians are reported.
+
+    python benchmarks/kd_step_time.py --teacher /tmp/smol --student STUDENT --data-path P
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from minitron_megatron.checkpoint import find_checkpoint
+from minitron_megatron.config import ParallelConfig
+from minitron_megatron.data.loaders import DataConfig
+from minitron_megatron.distill.config import KDConfig, TrainConfig
+from minitron_megatron.distill.kd_loss import vocab_parallel_kd_loss
+from minitron_megatron.distill.training import Trainer
+from minitron_megatron.runtime.distributed import LaunchEnv, distributed
+
+
+def loss_only_times(tokens: int, vocab: int, repeats: int = 3) -> tuple[float, float]:
+    """fwd+bwd seconds of our KD loss and of Megatron's vocab-parallel CE on the same logits."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    labels = torch.randint(0, vocab, (tokens, 1))
+    teacher = torch.randn(tokens, 1, vocab)
+    kd_times, ce_times = [], []
+    for _ in range(repeats):
+        base = torch.randn(tokens, 1, vocab, requires_grad=True)
+        start = time.perf_counter()
+        kd, _ = vocab_parallel_kd_loss(base.clone(), teacher)
+        kd.sum().backward()
+        kd_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        vocab_parallel_cross_entropy(base.clone(), labels).sum().backward()
+        ce_times.append(time.perf_counter() - start)
+    return statistics.median(kd_times), statistics.median(ce_times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", required=True)
+    parser.add_argument("--student", required=True)
+    parser.add_argument("--data-path", required=True)
+    parser.add_argument("--seq-length", type=int, default=256)
+    parser.add_argument("--micro-batch-size", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    teacher, student = find_checkpoint(args.teacher), find_checkpoint(args.student)
+    n_t, n_s = teacher.model_config.num_parameters(), student.model_config.num_parameters()
+    data = DataConfig(data_path=args.data_path, seq_length=args.seq_length)
+    iters = args.steps + args.warmup
+    with tempfile.TemporaryDirectory() as tmp, distributed(LaunchEnv(), ParallelConfig()) as ps:
+        def trainer(with_teacher: bool) -> Trainer:
+            train = TrainConfig(save=Path(tmp) / str(with_teacher), train_iters=iters,
+                                global_batch_size=args.micro_batch_size,
+                                micro_batch_size=args.micro_batch_size, lr=1e-5)
+            return Trainer(train=train, kd=KDConfig(), data=data, student=student,
+                           teacher=teacher if with_teacher else None, ps=ps)
+
+        kd_run, ce_run = trainer(True), trainer(False)
+        tokens = torch.randint(0, student.model_config.vocab_size,
+                               (args.micro_batch_size, args.seq_length))
+        positions = torch.arange(args.seq_length).expand(args.micro_batch_size, -1)
+
+        def teacher_forward() -> float:
+            start = time.perf_counter()
+            with torch.no_grad():
+                kd_run.model.teacher(tokens, positions, None)
+            return time.perf_counter() - start
+
+        kd_times, ce_times, teacher_times = [], [], []
+        for i in range(iters):
+            kd_step, ce_step, t_fwd = kd_run.train_step(), ce_run.train_step(), teacher_forward()
+            if i >= args.warmup:
+                kd_times.append(kd_step["step_time"])
+                ce_times.append(ce_step["step_time"])
+                teacher_times.append(t_fwd)
+        vocab = student.model_config.padded_vocab_size
+        loss_kd, loss_ce = loss_only_times(args.micro_batch_size * args.seq_length, vocab)
+
+    ideal = (2 * n_t + 6 * n_s) / (6 * n_s)
+    print(f"teacher {n_t / 1e6:.1f}M params, student {n_s / 1e6:.1f}M params, "
+          f"{args.micro_batch_size}×{args.seq_length} tokens per step, {torch.get_num_threads()} "
+          f"threads, {args.steps} interleaved steps each; FLOP-ideal ratio {ideal:.3f}")
+    t_kd = t_ce = 0.0
+    for stat in (min, statistics.median):  # min: least disturbed by other load on the machine
+        t_kd, t_ce, t_fwd = stat(kd_times), stat(ce_times), stat(teacher_times)
+        print(f"{stat.__name__:>6}: KD step {t_kd:.3f} s | CE step {t_ce:.3f} s | measured ratio "
+              f"{t_kd / t_ce:.3f} | ÷ FLOP-ideal = {t_kd / t_ce / ideal:.3f}   (goal ≤ 1.05)")
+        print(f"        teacher forward alone {t_fwd:.3f} s = {t_fwd / t_ce:.3f} CE steps "
+              f"(FLOP share {ideal - 1:.3f}); KD step − CE step − teacher forward = "
+              f"{t_kd - t_ce - t_fwd:+.3f} s (what the KD machinery adds)")
+    print(f"loss alone, fwd+bwd on {args.micro_batch_size * args.seq_length}×{vocab} logits: "
+          f"our KD {loss_kd:.3f} s | Megatron CE {loss_ce:.3f} s "
+          f"(share of the KD step: {loss_kd / t_kd:.1%})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Training checkpoints of a distillation run: the student plus everything a resume needs.
+
+Written through ``minitron_megatron.checkpoint.save_checkpoint`` (atomic: temp dir + rename), so
+a run killed mid-save resumes from the previous good checkpoint. Layout inside ``iter_NNNNNNN/``:
+
+* ``model``: the student (sharded; loads as a plain student anywhere: evaluate, export, prune);
+* ``optimizer``: Megatron's optimizer sharded state (``optimizer.sharded_state_dict``);
+* ``kd_projection``: the learned intermediate-state projection, if any;
+* ``rng_state``: per-rank RNG states (Python, NumPy, torch, CUDA, Megatron's tracker), one
+  ``ShardedObject`` per (PP, TP, DP) rank;
+* common: ``opt_param_scheduler`` and ``train_state`` (iteration, consumed samples, layout).
+
+The teacher is never part of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from minitron_megatron.checkpoint import (
+    CheckpointError,
+    CheckpointInfo,
+    find_checkpoint,
+    latest_iteration,
+    load_checkpoint,
+    save_checkpoint,
+)
+from minitron_megatron.config import ModelConfig
+from minitron_megatron.runtime.distributed import ParallelState
+
+log = logging.getLogger("minitron.distill")
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """Where a run stands."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+
+
+def _rng_state() -> dict[str, Any]:
+    from megatron.core import tensor_parallel
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded(ps: ParallelState, state: Any):
+    from megatron.core.dist_checkpointing import ShardedObject
+
+    return ShardedObject("rng_state", state, (ps.pp_size, ps.tp_size, ps.dp_size),
+                         (ps.pp_rank, ps.tp_rank, ps.dp_rank), replica_id=0)
+
+
+def _layout(ps: ParallelState) -> list[int]:
+    return [ps.tp_size, ps.pp_size, ps.dp_size]
+
+
+def _sharded_items(student, projection, optimizer, *, loading: bool) -> dict[str, Any]:
+    """The optimizer's sharded state refers to the parameters through the model's sharded
+    tensors: the student's and the projection's."""
+    params = {"model": student.sharded_state_dict()}
+    items: dict[str, Any] = {}
+    if projection is not None:
+        items["kd_projection"] = projection.sharded_state_dict(prefix="kd_projection.")
+        params["kd_projection"] = items["kd_projection"]
+    items["optimizer"] = optimizer.sharded_state_dict(params, is_loading=loading)
+    return items
+
+
+def save_training_checkpoint(
+    root: Path, *, student, model_config: ModelConfig, projection, optimizer, scheduler,
+    state: TrainState, ps: ParallelState, tokenizer_dir: Path | None, files: dict[str, str],
+) -> Path:
+    """Collective: every rank writes its shards; returns the iteration directory."""
+    extra = _sharded_items(student, projection, optimizer, loading=False)
+    extra["rng_state"] = _rng_sharded(ps, _rng_state())
+    common = {"opt_param_scheduler": scheduler.state_dict(),
+              "train_state": {"iteration": state.iteration,
+                              "consumed_samples": state.consumed_samples,
+                              "layout": _layout(ps)}}
+    return save_checkpoint(root, model=student, model_config=model_config,
+                           iteration=state.iteration, tokenizer_dir=tokenizer_dir,
+                           extra_sharded_state=extra, common_state=common, files=files)
+
+
+def resumable_checkpoint(load: Path | None, student_config: ModelConfig) -> CheckpointInfo | None:
+    """The checkpoint a run resumes from, or ``None`` (no ``--load``, or nothing saved yet).
+
+    Raises an actionable ``CheckpointError`` when it holds a model of another shape."""
+    if load is None or not Path(load).exists() or latest_iteration(load) is None:
+        return None
+    info = find_checkpoint(load)
+    if info.model_config != student_config:
+        ours, theirs = student_config.to_dict(), info.model_config.to_dict()
+        diff = ", ".join(f"{k}: checkpoint {theirs[k]} vs student {ours[k]}"
+                         for k in ours if ours[k] != theirs.get(k))
+        raise CheckpointError(
+            f"cannot resume from {info.path}: it holds a model of another shape ({diff}). "
+            f"Resume with the --student the run started from, or write to a new --save/--load "
+            f"directory.")
+    return info
+
+
+def load_training_checkpoint(
+    info: CheckpointInfo, *, student, projection, optimizer, scheduler, ps: ParallelState,
+) -> TrainState:
+    """Restore student, projection, optimizer, scheduler, data position and (at the same
+    layout) RNG states. Collective."""
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(str(info.path))
+    if "train_state" not in common:
+        raise CheckpointError(f"{info.path} is not a training checkpoint (no optimizer or "
+                              f"scheduler state); pass it as --student to start a new run.")
+    train_state = common["train_state"]
+    extra = _sharded_items(student, projection, optimizer, loading=True)
+    same_layout = list(train_state["layout"]) == _layout(ps)
+    if same_layout:
+        extra["rng_state"] = _rng_sharded(ps, _rng_state())  # the structure to load into
+    else:
+        log.warning("resuming at layout TP,PP,DP=%s (saved at %s): RNG states are re-seeded",
+                    _layout(ps), train_state["layout"])
+    loaded = load_checkpoint(info, model=student, extra_sharded_state=extra, strict=False)
+    if projection is not None:
+        projection.load_state_dict({k.removeprefix("kd_projection."): v
+                                    for k, v in loaded["kd_projection"].items()})
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(common["opt_param_scheduler"])
+    if same_layout:
+        _set_rng_state(loaded["rng_state"])
+    return TrainState(iteration=train_state["iteration"],
+                      consumed_samples=train_state["consumed_samples"])

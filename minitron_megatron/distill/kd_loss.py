@@ -1,0 +1,238 @@
+"""Vocab-parallel knowledge-distillation loss, memory-flat, with an analytic gradient.
+
+Per token, with student logits ``z_s`` and teacher logits ``z_t`` sharded over the vocabulary
+(each TP rank holds ``V/tp`` columns), temperature ``τ`` and ``p = softmax(z_s/τ)``,
+``q = softmax(z_t/τ)``::
+
+    forward KL   kd = τ² · KL(q ‖ p) = τ² · Σ_v q_v (log q_v − log p_v)
+    reverse KL   kd = τ² · KL(p ‖ q) = τ² · Σ_v p_v (log p_v − log q_v)
+    CE (option)  ce = log Σ_v exp(z_s,v) − z_s,label                       (τ = 1 always)
+
+**The τ² convention** (Hinton et al.): the KL of the softened distributions is multiplied by τ²
+so that its gradient, ``∂kd/∂z_s = τ (p − q)``, keeps the same scale whatever τ is; at τ = 1 the
+loss is the plain KL. With ``top_k``, the teacher keeps only its ``k`` largest logits (the global
+top-k over all TP shards) and ``q`` is renormalised over them.
+
+How the vocabulary is never gathered (as in Megatron's ``tensor_parallel/cross_entropy.py``):
+the row maxima are all-reduced (MAX) over the TP group; one pass then gives this shard's sums of
+exponentials and KL partial sums, all-reduced (SUM) together. Every pass walks the local shard
+in row chunks of about ``CHUNK_ELEMENTS`` elements through reused fp32 buffers, so the
+temporaries are a small, fixed fraction of the logits.
+Nothing is saved for backward but the two logit tensors themselves and a few numbers per token;
+the backward recomputes ``p − q`` chunk by chunk from the logits and writes the gradient **in
+place into the student-logits buffer** (which the loss consumes, as Megatron's cross entropy
+does). Extra memory over the logits is therefore O(chunk), not O(logits).
+
+Example::
+
+    kd, ce = vocab_parallel_kd_loss(student_logits, teacher_logits, labels=labels,
+                                    temperature=1.0, tp_group=ps.tp_group)
+    loss = ((kd + 0.1 * ce) * loss_mask).sum() / loss_mask.sum()
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+CHUNK_ELEMENTS = 1 << 21
+"""Elements of the local logit shard processed at once (fp32 temporaries are a few of these)."""
+
+
+def _all_reduce(tensor: torch.Tensor, group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
+def _rows_per_chunk(vocab: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(vocab, 1))
+
+
+def _row_chunks(rows: int, vocab: int):
+    step = _rows_per_chunk(vocab)
+    for start in range(0, rows, step):
+        yield slice(start, min(start + step, rows))
+
+
+def _workspace(count: int, rows: int, vocab: int, device) -> list[torch.Tensor]:
+    """``count`` fp32 chunk buffers, reused by every chunk (no allocation per chunk)."""
+    shape = (min(_rows_per_chunk(vocab), rows), vocab)
+    return [torch.empty(shape, dtype=torch.float32, device=device) for _ in range(count)]
+
+
+def _vocab_range(vocab_local: int, group) -> tuple[int, int]:
+    rank = dist.get_rank(group) if group is not None and dist.get_world_size(group) > 1 else 0
+    return rank * vocab_local, (rank + 1) * vocab_local
+
+
+def _global_top_k_threshold(teacher: torch.Tensor, k: int, group) -> torch.Tensor:
+    """The k-th largest teacher logit of each row over the whole vocabulary: ``[rows]``."""
+    local = torch.topk(teacher, min(k, teacher.shape[-1]), dim=-1).values.float()  # [rows, k']
+    world = dist.get_world_size(group) if group is not None else 1
+    if world > 1:
+        gathered = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(gathered, local.contiguous(), group=group)
+        local = torch.cat(gathered, dim=-1)  # [rows, tp·k']
+    return torch.topk(local, k, dim=-1).values[:, -1]  # [rows]
+
+
+class _VocabParallelKD(torch.autograd.Function):
+    """Per-token (τ²·KL, CE) over a TP-sharded vocabulary; gradient analytic, written in place.
+
+    With ``u = (z − max z)/τ`` (student ``u_s``, teacher ``u_t``), ``S = Σ_v exp(u_v)`` summed
+    over all shards, ``p = exp(u_s)/S_s`` and ``q = exp(u_t)/S_t``::
+
+        KL(q‖p) = Σ q (log q − log p) = Σ exp(u_t)(u_t − u_s) / S_t + log S_s − log S_t
+        KL(p‖q) = Σ exp(u_s)(u_s − u_t) / S_s + log S_t − log S_s
+
+    so one pass over the shard gives every partial sum, and one all-reduce completes them.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, labels, temperature, reverse, top_k, group):
+        vocab = student.shape[-1]
+        s = student.view(-1, vocab)  # [N, V/tp] (a view: the gradient is written into it)
+        t = teacher.reshape(-1, vocab)  # [N, V/tp]
+        n = s.shape[0]
+        with_ce = labels is not None
+        lo, hi = _vocab_range(vocab, group)
+
+        # Row maxima over the whole vocabulary (max(z/τ) = max(z)/τ for τ > 0).
+        maxima = torch.stack([s.amax(-1).float(), t.amax(-1).float()])  # [2, N]
+        _all_reduce(maxima, group, dist.ReduceOp.MAX)
+        max_s, max_t = maxima
+        threshold = _global_top_k_threshold(t, top_k, group) if top_k else None  # [N]
+
+        # One pass: partial sums [S_s, S_t, Σ exp(u)·(u_t − u_s) (or reverse), S at τ=1, z_label].
+        sums = torch.zeros(5, n, dtype=torch.float32, device=s.device)
+        work = _workspace(3, n, vocab, s.device)
+        for rows in _row_chunks(n, vocab):
+            r = rows.stop - rows.start
+            u_s = _shifted(s[rows], max_s[rows], temperature, out=work[0][:r])  # [r, V/tp]
+            u_t = _shifted(t[rows], max_t[rows], temperature, threshold, rows, out=work[1][:r])
+            if with_ce and temperature != 1.0:
+                sums[3, rows] = torch.mul(u_s, temperature, out=work[2][:r]).exp_().sum(-1)
+            diff = torch.sub(*((u_s, u_t) if reverse else (u_t, u_s)), out=work[2][:r])
+            if with_ce:
+                lab = labels.reshape(-1)[rows]
+                owned = (lab >= lo) & (lab < hi)
+                local = (lab - lo).clamp(0, vocab - 1)[:, None]
+                picked = s[rows].gather(-1, local).squeeze(-1).float() - max_s[rows]  # [r]
+                sums[4, rows] = torch.where(owned, picked, torch.zeros_like(picked))
+            e_s, e_t = u_s.exp_(), u_t.exp_()  # in place
+            sums[0, rows] = e_s.sum(-1)
+            sums[1, rows] = e_t.sum(-1)
+            sums[2, rows] = diff.mul_(e_s if reverse else e_t).sum(-1)
+        _all_reduce(sums, group)
+        log_s, log_t = sums[0].log(), sums[1].log()  # [N]
+        wide = sums.double()  # the per-token combination in fp64: no rounding of its own
+        if reverse:
+            kl = (wide[2] / wide[0] + wide[1].log() - wide[0].log()).float()
+        else:
+            kl = (wide[2] / wide[1] + wide[0].log() - wide[1].log()).float()
+
+        ctx.save_for_backward(s, t, max_s, max_t, log_s, log_t, kl,
+                              *([] if threshold is None else [threshold]))
+        ctx.labels = labels.reshape(-1) if with_ce else None
+        log_ce = (log_s if temperature == 1.0 else sums[3].log()) if with_ce else None
+        ctx.log_ce = log_ce
+        ctx.config = (temperature, reverse, tuple(student.shape), lo)
+        kd = (kl * temperature**2).view(student.shape[:-1])
+        if not with_ce:
+            ce = kd.new_zeros(())
+            ctx.mark_non_differentiable(ce)
+            return kd, ce
+        return kd, (log_ce - sums[4]).view(student.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad_kd, grad_ce):
+        s, t, max_s, max_t, log_s, log_t, kl, *rest = ctx.saved_tensors
+        threshold = rest[0] if rest else None
+        temperature, reverse, shape, lo = ctx.config
+        vocab = s.shape[-1]
+        # ∂(τ²·KL)/∂z = τ · ∂KL/∂u
+        a = (grad_kd.reshape(-1).float() * temperature if grad_kd is not None
+             else torch.zeros_like(kl))  # [N]
+        labels = ctx.labels
+        g_ce = grad_ce.reshape(-1).float() if labels is not None and grad_ce is not None else None
+        fold_ce = g_ce is not None and temperature == 1.0 and not reverse
+        # log p = (z − max)/τ − log S = z/τ − (max/τ + log S): one shift per row
+        shift_s, shift_t = max_s + temperature * log_s, max_t + temperature * log_t
+        in_place = s.dtype == torch.float32  # else an fp32 buffer, copied back at the end
+        work = _workspace(2 if in_place else 3, s.shape[0], vocab, s.device)
+        for rows in _row_chunks(s.shape[0], vocab):
+            r = rows.stop - rows.start
+            p1 = None
+            if g_ce is not None and not fold_ce:  # softmax at τ = 1, before s is overwritten
+                p1 = _shifted(s[rows], (max_s + ctx.log_ce)[rows], 1.0, out=work[1][:r]).exp_()
+            log_q = _shifted(t[rows], shift_t[rows], temperature, threshold, rows,
+                             out=work[0][:r])
+            log_p = _shifted(s[rows], shift_s[rows], temperature,
+                             out=s[rows] if in_place else work[2][:r])
+            if reverse:  # ∂KL(p‖q)/∂u = p ⊙ (log p − log q − KL)
+                log_q.neg_().add_(log_p).sub_(kl[rows, None])
+                grad = log_p.exp_().mul_(log_q).mul_(a[rows, None])
+            elif fold_ce:  # a·(p − q) + g_ce·(p − onehot), p shared at τ = 1
+                grad = log_p.exp_().mul_((a + g_ce)[rows, None])
+                grad.sub_(log_q.exp_().mul_(a[rows, None]))
+            else:  # ∂KL(q‖p)/∂u = p − q
+                grad = log_p.exp_().sub_(log_q.exp_()).mul_(a[rows, None])
+            if g_ce is not None:  # + g_ce·(softmax(z) − onehot(label))
+                if p1 is not None:
+                    grad.add_(p1.mul_(g_ce[rows, None]))
+                lab = labels[rows]
+                owned = ((lab >= lo) & (lab < lo + vocab)).float()
+                local = (lab - lo).clamp(0, vocab - 1)[:, None]
+                grad.scatter_add_(-1, local, -(owned * g_ce[rows])[:, None])
+            if not in_place:
+                s[rows] = grad
+        return s.view(shape), None, None, None, None, None, None  # the logits are consumed
+
+
+_MASKED = -1e30
+"""Shifted teacher logit outside the top-k: exp() is exactly 0, products with it stay finite."""
+
+
+def _shifted(z_rows, shift_rows, temperature, threshold=None, rows=None, *, out) -> torch.Tensor:
+    """``(z − shift)/τ`` in fp32, written to ``out``; ``_MASKED`` outside the global top-k."""
+    u = torch.sub(z_rows, shift_rows[:, None], out=out)
+    if temperature != 1.0:
+        u.mul_(1.0 / temperature)
+    if threshold is not None:
+        u.masked_fill_(z_rows < threshold[rows, None].to(z_rows.dtype), _MASKED)
+    return u
+
+
+def vocab_parallel_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    labels: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    reverse: bool = False,
+    top_k: int | None = None,
+    tp_group: dist.ProcessGroup | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token ``τ²·KL`` (and, with ``labels``, per-token cross entropy) of vocab-parallel
+    logits ``[..., V/tp]``; returns tensors of shape ``[...]``.
+
+    ``student_logits`` must be contiguous and is **consumed**: the backward writes the gradient
+    into its storage. ``teacher_logits`` carries no gradient. Mask and normalise the result
+    outside (it is per token, so that costs nothing). ``tp_group`` is the tensor-parallel group
+    the vocabulary is sharded over (``None``: the full vocabulary is local).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}.")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ in shape; both models must share "
+                         f"the (padded) vocabulary and the TP layout.")
+    if reverse and top_k:
+        raise ValueError("reverse KL against a top-k teacher is infinite (the student puts mass "
+                         "where the truncated teacher has none); use one of the two options.")
+    if not student_logits.is_contiguous():
+        student_logits = student_logits.contiguous()
+    kd, ce = _VocabParallelKD.apply(student_logits, teacher_logits.detach(), labels,
+                                    float(temperature), bool(reverse), top_k, tp_group)
+    return kd, (ce if labels is not None else None)

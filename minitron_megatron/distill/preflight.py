@@ -1,0 +1,85 @@
+"""Checks of a distillation / fine-tuning run that fail with one actionable error before any
+work is done (before process groups, datasets or models)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+
+from minitron_megatron.checkpoint import CheckpointInfo
+from minitron_megatron.config import ParallelConfig
+from minitron_megatron.distill.checkpointing import resumable_checkpoint
+from minitron_megatron.distill.config import KDConfig, TrainConfig
+from minitron_megatron.distill.progress import require_wandb
+
+log = logging.getLogger("minitron.distill")
+
+
+def tokenizer_fingerprint(info: CheckpointInfo) -> str | None:
+    """Digest of the tokenizer files a checkpoint carries (``None`` when it carries none)."""
+    directory = info.tokenizer_dir
+    if directory is None:
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(Path(directory).rglob("*")):
+        if path.is_file():
+            digest.update(path.relative_to(directory).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def check_run(*, student: CheckpointInfo, teacher: CheckpointInfo | None, kd: KDConfig | None,
+              train: TrainConfig, parallel: ParallelConfig, world_size: int,
+              params_dtype: torch.dtype = torch.float32, on_gpu: bool = False) -> None:
+    """Raise ``ValueError`` (or ``CheckpointError``) for the first problem found."""
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    for role, info in (("student", student), ("teacher", teacher)):
+        if info is None:
+            continue
+        try:
+            info.model_config.check_parallel(tensor_parallel=tp, pipeline_parallel=pp)
+        except ValueError as err:
+            raise ValueError(f"the {role} ({info.root}) cannot be laid out at TP={tp}, PP={pp}: "
+                             f"{err} Teacher and student share the layout, so it must suit "
+                             f"both.") from None
+    train.microbatches(parallel.data_parallel_size(world_size))
+    if teacher is not None:
+        _check_same_vocabulary(student, teacher)
+        top_k = (kd or KDConfig()).top_k
+        if top_k and top_k > teacher.model_config.padded_vocab_size:
+            raise ValueError(f"--kd-top-k {top_k} exceeds the vocabulary "
+                             f"({teacher.model_config.padded_vocab_size}); choose a smaller k.")
+        (kd or KDConfig()).check_layers(student.model_config.num_layers,
+                                        teacher.model_config.num_layers)
+    resumable_checkpoint(train.load, student.model_config)
+    if train.wandb_project:
+        require_wandb()
+    if params_dtype != torch.float32 and not on_gpu:
+        raise ValueError("bf16/fp16 training uses Megatron's mixed-precision optimizer, which "
+                         "needs a GPU; use --params-dtype fp32 on CPU.")
+    if train.use_distributed_optimizer and params_dtype == torch.float32:
+        raise ValueError("the distributed optimizer shards fp32 main weights of bf16/fp16 "
+                         "parameters; use --params-dtype bf16, or drop the distributed optimizer.")
+
+
+def _check_same_vocabulary(student: CheckpointInfo, teacher: CheckpointInfo) -> None:
+    s, t = student.model_config, teacher.model_config
+    if (s.vocab_size, s.padded_vocab_size) != (t.vocab_size, t.padded_vocab_size):
+        raise ValueError(
+            f"teacher and student vocabularies differ (teacher {t.vocab_size} tokens padded to "
+            f"{t.padded_vocab_size}, student {s.vocab_size} padded to {s.padded_vocab_size}): "
+            f"the KD loss compares distributions over the same token ids. Derive the student "
+            f"from the teacher (prune it) or give it the teacher's tokenizer and vocabulary.")
+    fingerprints = tokenizer_fingerprint(student), tokenizer_fingerprint(teacher)
+    if None in fingerprints:
+        log.warning("cannot compare tokenizers: %s carries none; make sure both models use the "
+                    "same one", student.root if fingerprints[0] is None else teacher.root)
+    elif fingerprints[0] != fingerprints[1]:
+        raise ValueError(
+            f"teacher and student tokenizers differ ({teacher.tokenizer_dir} vs "
+            f"{student.tokenizer_dir}): the same token id must mean the same text for the KD "
+            f"loss to make sense. Derive the student from the teacher, or re-create it with the "
+            f"teacher's tokenizer.")

@@ -1,0 +1,278 @@
+"""The training loop of ``minitron distill`` and ``minitron finetune``, on Megatron-Core's parts.
+
+Megatron's ``DistributedDataParallel`` + ``finalize_model_grads`` (per-token loss normalisation
+over the global batch), ``get_megatron_optimizer`` (Adam; fp32 on CPU, bf16 + distributed
+optimizer on GPU), ``OptimizerParamScheduler`` (warmup, then cosine/linear decay to the minimum
+LR), gradient clipping inside the optimizer step, and ``get_forward_backward_func`` (1F1B with
+PP > 1, the teacher's activations riding along with the student's).
+
+Example::
+
+    trainer = Trainer(train=TrainConfig(save=Path("out"), train_iters=100, global_batch_size=8),
+                      kd=KDConfig(), data=DataConfig(data_path="wiki", seq_length=256),
+                      student=find_checkpoint("student"), teacher=find_checkpoint("teacher"),
+                      ps=ps)
+    result = trainer.run()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minitron_megatron.checkpoint import CheckpointInfo, load_checkpoint
+from minitron_megatron.data.loaders import DataConfig, build_datasets, shard_for_data_parallel
+from minitron_megatron.distill.checkpointing import (
+    TrainState,
+    load_training_checkpoint,
+    resumable_checkpoint,
+    save_training_checkpoint,
+)
+from minitron_megatron.distill.config import KDConfig, TrainConfig
+from minitron_megatron.distill.model import DistillationModel
+from minitron_megatron.distill.progress import Progress
+from minitron_megatron.distill.schedule import forward_backward, train_sample_ids
+from minitron_megatron.evaluate import eod_id_of
+from minitron_megatron.model.build import build_model
+from minitron_megatron.runtime.distributed import ParallelState
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN/inf; nothing was saved after the last good
+    checkpoint."""
+
+
+@dataclass
+class RunResult:
+    state: TrainState
+    history: list[dict[str, Any]] = field(default_factory=list)
+    """Per-step metrics and evaluations (the same records as ``metrics.jsonl``)."""
+
+
+class Trainer:
+    """One distillation (``teacher`` given) or fine-tuning (``teacher=None``) run on this rank."""
+
+    def __init__(self, *, train: TrainConfig, kd: KDConfig | None, data: DataConfig,
+                 student: CheckpointInfo, teacher: CheckpointInfo | None, ps: ParallelState,
+                 params_dtype: torch.dtype = torch.float32, seed: int = 1234):
+        self.train_cfg, self.data, self.ps = train, data, ps
+        self.kd = kd if teacher is not None else None
+        self.student_info, self.teacher_info = student, teacher
+        self.params_dtype, self.seed = params_dtype, seed
+        self.microbatches = train.microbatches(ps.dp_size)
+        self.history: list[dict[str, Any]] = []
+        self._build()
+
+    # ------------------------------------------------------------------ set-up
+    def _build(self) -> None:
+        self.datasets = self._datasets()  # data errors come before any model is built
+        resume = resumable_checkpoint(self.train_cfg.load, self.student_info.model_config)
+        self._build_models(load_student=resume is None)
+        self._build_optimizer()
+        self.state = TrainState()
+        if resume is not None:
+            self.state = load_training_checkpoint(
+                resume, student=self.student, projection=self.model.projection,
+                optimizer=self.optimizer, scheduler=self.scheduler, ps=self.ps)
+
+    def _build_models(self, *, load_student: bool) -> None:
+        """Student (loaded unless a resume restores it) and frozen teacher, this rank's stage."""
+        ps, dtype = self.ps, self.params_dtype
+        student = build_model(self.student_info.model_config, ps, params_dtype=dtype,
+                              init_weights=False)
+        if load_student:
+            load_checkpoint(self.student_info, model=student)
+        teacher = None
+        if self.teacher_info is not None:
+            teacher = build_model(self.teacher_info.model_config, ps, params_dtype=dtype,
+                                  init_weights=False)
+            load_checkpoint(self.teacher_info, model=teacher)
+        self.student = student
+        self.model = DistillationModel(student, teacher, kd=self.kd or KDConfig(), ps=ps,
+                                       seed=self.seed)
+
+    def _build_optimizer(self) -> None:
+        """Megatron DDP around the teacher–student model, its optimizer and LR schedule."""
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        t, ps = self.train_cfg, self.ps
+        config = self.student.config
+        config.calculate_per_token_loss = True  # grads ÷ tokens of the whole global batch
+        self.ddp = DistributedDataParallel(
+            config=config,
+            ddp_config=DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                use_distributed_optimizer=t.use_distributed_optimizer,
+                average_in_collective=False),
+            module=self.model)
+        half = self.params_dtype in (torch.bfloat16, torch.float16)
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.min_lr,
+                            weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
+                            adam_beta2=t.adam_beta2, adam_eps=t.adam_eps, clip_grad=t.clip_grad,
+                            bf16=self.params_dtype == torch.bfloat16,
+                            fp16=self.params_dtype == torch.float16, params_dtype=self.params_dtype,
+                            use_distributed_optimizer=t.use_distributed_optimizer and half),
+            [self.ddp],
+            # on CPU the default group already is gloo: init_distributed creates no extra ones
+            use_gloo_process_groups=ps.device.type == "cuda")
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr,
+            lr_warmup_steps=t.lr_warmup_iters, lr_decay_steps=t.decay_iters,
+            lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
+            wd_incr_steps=t.train_iters, wd_incr_style="constant")
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = self.ddp.no_sync
+        config.grad_scale_func = self.optimizer.scale_loss
+
+    def _datasets(self):
+        t, info = self.train_cfg, self.student_info
+        needed = {"train": t.train_iters * t.global_batch_size}
+        if t.eval_interval:
+            needed["valid"] = t.eval_iters * t.global_batch_size
+        try:
+            return build_datasets(self.data, eod_id=eod_id_of(info),
+                                  vocab_size=info.model_config.vocab_size, num_samples=needed)
+        except ValueError as err:
+            want = f"--train-iters × --global-batch-size = {needed['train']} training samples"
+            if "valid" in needed:
+                want += (f" and --eval-iters × --global-batch-size = {needed['valid']} "
+                         f"validation samples")
+            raise ValueError(f"{err} (this run needs {want} of --seq-length "
+                             f"{self.data.seq_length} tokens)") from None
+
+    # ------------------------------------------------------------------ steps
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step on the next global batch; returns its metrics."""
+        t, ps = self.train_cfg, self.ps
+        start = time.perf_counter()
+        self.ddp.train()
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        lr = self.optimizer.param_groups[0]["lr"]
+        ids = train_sample_ids(self.state.consumed_samples, t.global_batch_size, ps)
+        sums = forward_backward(self.ddp, self.model, ps, self.datasets["train"], ids, kd=self.kd,
+                                seq_length=self.data.seq_length,
+                                micro_batch_size=t.micro_batch_size, forward_only=False)
+        iteration = self.state.iteration + 1
+        loss = sums["loss"] / sums["tokens"]
+        if not math.isfinite(loss):
+            self._diverged(iteration, f"the loss is {loss}")
+        _, grad_norm, _ = self.optimizer.step()
+        if grad_norm is None:  # no clipping: the optimizer did not compute it
+            grad_norm = self.optimizer.get_grad_norm()
+        grad_norm = float(grad_norm)
+        if not math.isfinite(grad_norm):
+            self._diverged(iteration, f"the gradient norm is {grad_norm}")
+        self.scheduler.step(increment=1)
+        self.state = TrainState(iteration=iteration,
+                                consumed_samples=self.state.consumed_samples + t.global_batch_size)
+        elapsed = time.perf_counter() - start
+        metrics = {"loss": loss, "ce_loss": sums["ce_loss"] / sums["tokens"], "lr": lr,
+                   "grad_norm": grad_norm,
+                   "tokens_per_s": t.global_batch_size * self.data.seq_length / elapsed,
+                   "step_time": elapsed}
+        if self.kd is not None:
+            metrics["kd_loss"] = sums["kd_loss"] / sums["tokens"]
+            if self.kd.intermediate_pairs:
+                metrics["is_loss"] = sums["is_loss"] / sums["tokens"]
+        return metrics
+
+    def evaluate(self) -> dict[str, float]:
+        """Student validation loss (and KD loss against the teacher) on the first
+        ``eval_iters × global_batch_size`` validation samples. Collective."""
+        t, ps = self.train_cfg, self.ps
+        samples = t.eval_iters * t.global_batch_size
+        ids = shard_for_data_parallel(samples, ps.dp_rank, ps.dp_size)
+        self.ddp.eval()
+        with torch.no_grad():
+            sums = forward_backward(self.ddp, self.model, ps, self.datasets["valid"], ids,
+                                    kd=self.kd, seq_length=self.data.seq_length,
+                                    micro_batch_size=t.micro_batch_size, forward_only=True)
+        self.ddp.train()
+        result = {"val_loss": sums["ce_loss"] / sums["tokens"]}
+        result["val_ppl"] = math.exp(min(result["val_loss"], 700.0))
+        if self.kd is not None:
+            result["val_kd_loss"] = sums["kd_loss"] / sums["tokens"]
+        return result
+
+    def save(self) -> Path:
+        info = self.student_info
+        tokenizer = info.tokenizer_dir or (self.teacher_info.tokenizer_dir
+                                           if self.teacher_info else None)
+        return save_training_checkpoint(
+            self.train_cfg.save, student=self.student, model_config=info.model_config,
+            projection=self.model.projection, optimizer=self.optimizer,
+            scheduler=self.scheduler, state=self.state, ps=self.ps, tokenizer_dir=tokenizer,
+            files={"run_config.json": json.dumps(self.run_config(), indent=2, default=str)})
+
+    def run_config(self) -> dict[str, Any]:
+        return {"train": dataclasses.asdict(self.train_cfg),
+                "kd": dataclasses.asdict(self.kd) if self.kd else None,
+                "data": dataclasses.asdict(self.data),
+                "student": str(self.student_info.path),
+                "teacher": str(self.teacher_info.path) if self.teacher_info else None,
+                "layout": {"tp": self.ps.tp_size, "pp": self.ps.pp_size, "dp": self.ps.dp_size}}
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> RunResult:
+        """Train up to ``train_iters`` steps (from where a resumed run stands): log, evaluate
+        and checkpoint on their intervals, save at the end (or at the exit interval)."""
+        t = self.train_cfg
+        exit_interval = t.exit_interval
+        progress = Progress(t.save, total_iters=t.train_iters, start_iter=self.state.iteration,
+                            active=self.ps.rank == 0, wandb_project=t.wandb_project,
+                            wandb_run_name=t.wandb_run_name, run_config=self.run_config())
+        try:
+            if self.state.iteration == 0 and t.eval_interval:
+                self._record_eval(progress)
+            while self.state.iteration < t.train_iters:
+                metrics = self.train_step()
+                it = self.state.iteration
+                progress.step(it, metrics)
+                self.history.append({"iteration": it, **metrics})
+                last = it == t.train_iters
+                if it % t.log_interval == 0 or last:
+                    progress.flush_line(it)
+                if t.eval_interval and (it % t.eval_interval == 0 or last):
+                    self._record_eval(progress)
+                stop = bool(exit_interval) and it % exit_interval == 0
+                if last or stop or (t.save_interval and it % t.save_interval == 0):
+                    path = self.save()
+                    progress.note(f"saved {path}")
+                if stop and not last:
+                    progress.note(f"exiting at iteration {it} (exit interval {exit_interval})")
+                    break
+        finally:
+            progress.close()
+        return RunResult(state=self.state, history=self.history)
+
+    def _record_eval(self, progress: Progress) -> None:
+        result = self.evaluate()
+        progress.evaluation(self.state.iteration, result)
+        self.history.append({"iteration": self.state.iteration, **result})
+
+    def _diverged(self, iteration: int, what: str) -> None:
+        from minitron_megatron.checkpoint import latest_iteration
+
+        saved = latest_iteration(self.train_cfg.save) if self.train_cfg.save.exists() else None
+        where = (f"the last good checkpoint is iteration {saved} in {self.train_cfg.save}; "
+                 f"resume from it with --load {self.train_cfg.save}" if saved is not None
+                 else "no checkpoint was saved")
+        raise TrainingDiverged(
+            f"training stopped at iteration {iteration}: {what}. Nothing was saved after it; "
+            f"{where} after lowering --lr (or raising --lr-warmup-iters, or --clip-grad) or "
+            f"checking the data.")
