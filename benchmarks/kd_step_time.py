@@ -12,6 +12,7 @@ interleaved so that load on a shared machine hits both alike; medians are report
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -110,6 +111,11 @@ def main() -> None:
     print(f"loss alone, fwd+bwd on {args.micro_batch_size * args.seq_length}×{vocab} logits: "
           f"our KD {loss_kd:.3f} s | Megatron CE {loss_ce:.3f} s "
           f"(share of the KD step: {loss_kd / t_kd:.1%})")
+    print(json.dumps({"teacher_parameters": n_t, "student_parameters": n_s,
+                      "flop_ideal_ratio": ideal, "kd_step_s": t_kd, "ce_step_s": t_ce,
+                      "ratio": t_kd / t_ce, "ratio_over_ideal": t_kd / t_ce / ideal,
+                      "min_ratio_over_ideal": min(kd_times) / min(ce_times) / ideal,
+                      "goal": 1.05}))
 
 
 if __name__ == "__main__":

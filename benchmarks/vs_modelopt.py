@@ -1,0 +1,94 @@
+"""Side by side: our Minitron pruning vs NVIDIA ModelOpt 0.43.0's, same model, target and samples.
+
+Both start from the same loaded checkpoint (one process, TP=1: ModelOpt's only layout), calibrate
+on the same TRAIN-split samples and produce the same target shape; timed is what each needs from
+a loaded model to a pruned one (ours: calibration with hooks + scoring + plan + slicing; ModelOpt:
+its whole ``mtp.prune`` call). Then both pruned models are evaluated on the same VALID-split
+samples. Our pruned model is also saved (``--save``) for the other benchmarks.
+
+    python benchmarks/vs_modelopt.py --load ckpt/teacher --data-path data/wiki --save ckpt/pruned
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from benchmarks.modelopt_baseline import MODELOPT_INSTALL, modelopt_prune
+
+TARGET = {"hidden_size": 448, "ffn_hidden_size": 768, "num_attention_heads": 6}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from minitron_megatron.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+    from minitron_megatron.config import ParallelConfig
+    from minitron_megatron.data.loaders import DataConfig, build_datasets, micro_batches
+    from minitron_megatron.evaluate import eod_id_of, evaluate_model
+    from minitron_megatron.importance import ImportanceConfig, estimate_importance
+    from minitron_megatron.model.build import build_model
+    from minitron_megatron.pruning import PruneTargets, apply_plan, make_plan
+    from minitron_megatron.runtime.distributed import LaunchEnv, distributed
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--load", required=True)
+    p.add_argument("--data-path", required=True)
+    p.add_argument("--save", default=None, help="also save our pruned checkpoint here")
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--eval-samples", type=int, default=32)
+    p.add_argument("--seq-length", type=int, default=256)
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    args = p.parse_args(argv)
+
+    info = find_checkpoint(args.load)
+    cfg = info.model_config
+    data = DataConfig(data_path=args.data_path, seq_length=args.seq_length)
+    mb, seq = args.micro_batch_size, args.seq_length
+    result = {"target": TARGET, "calib_samples": args.calib_samples,
+              "eval_samples": args.eval_samples, "seq_length": seq,
+              "teacher_parameters": cfg.num_parameters(),
+              "pruned_parameters": cfg.replace(**TARGET).num_parameters()}
+    with distributed(LaunchEnv(), ParallelConfig()) as ps:
+        datasets = build_datasets(data, eod_id=eod_id_of(info), vocab_size=cfg.vocab_size,
+                                  num_samples={"train": args.calib_samples,
+                                               "valid": args.eval_samples})
+
+        def loaded():
+            model = build_model(cfg, ps, init_weights=False, spec="local")
+            load_checkpoint(info, model=model)
+            return model
+
+        def loss(model) -> float:
+            return evaluate_model(model, ps, datasets["valid"], num_samples=args.eval_samples,
+                                  micro_batch_size=mb, seq_length=seq).loss
+
+        model = loaded()
+        start = time.perf_counter()
+        scores = estimate_importance(model, ps, datasets["train"], model_config=cfg,
+                                     num_samples=args.calib_samples, micro_batch_size=mb,
+                                     seq_length=seq, config=ImportanceConfig(depth_metrics=()))
+        ours, ours_cfg = apply_plan(model, make_plan(scores, PruneTargets(**TARGET)), ps)
+        result["ours_seconds"] = time.perf_counter() - start
+        result["ours_loss"] = loss(ours)
+        if args.save:
+            save_checkpoint(args.save, model=ours, model_config=ours_cfg,
+                            tokenizer_dir=info.tokenizer_dir)
+        del ours, model
+
+        try:
+            model = loaded()
+            calibration = list(micro_batches(datasets["train"], range(args.calib_samples), mb))
+            peer, seconds = modelopt_prune(model, cfg, ps, TARGET, calibration, seq_length=seq,
+                                           micro_batch_size=mb)
+            result["modelopt_seconds"] = seconds["wall"]
+            result["modelopt_loss"] = loss(peer)
+            result["time_ratio_ours_over_modelopt"] = (result["ours_seconds"]
+                                                       / result["modelopt_seconds"])
+        except ImportError:
+            result["modelopt"] = f"not installed: {MODELOPT_INSTALL}"
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
