@@ -44,6 +44,14 @@ def parse_param_count(text: str | int) -> int:
     return value
 
 
+def format_params(count: int) -> str:
+    """``134515008`` → ``"134.52M"`` (``k``, ``M`` or ``B``)."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if count >= scale:
+            return f"{count / scale:.2f}{unit}"
+    return str(count)
+
+
 def _round_to(value: float, multiple: int) -> int:
     return max(multiple, int(round(value / multiple)) * multiple)
 
@@ -145,7 +153,8 @@ class Candidate:
 def _valid_shapes(teacher: ModelConfig, space: SearchSpace, tp: int, pp: int):
     for values in itertools.product(*(getattr(space, axis) for axis in AXES)):
         shape = dict(zip(AXES, values))
-        if shape["num_attention_heads"] % shape["num_query_groups"]:
+        per_group, rest = divmod(shape["num_attention_heads"], shape["num_query_groups"])
+        if rest or per_group > teacher.heads_per_group:  # pruning keeps heads within groups
             continue
         try:
             cfg = teacher.replace(**shape)
@@ -174,7 +183,9 @@ def enumerate_candidates(
     valid = list(_valid_shapes(teacher, space, tensor_parallel, pipeline_parallel))
     if not valid:
         raise ValueError(f"the search space holds no shape valid at TP={tensor_parallel} "
-                         f"(heads a multiple of query groups, all divisible by TP).")
+                         f"(heads a multiple of the query groups, at most "
+                         f"{teacher.heads_per_group} heads per group as in the teacher, heads, "
+                         f"groups and MLP size divisible by TP).")
     ranked = sorted(valid, key=lambda c: (abs(c.params - target_params), c.name))
     within = [c for c in ranked if abs(c.params - target_params) <= tolerance * target_params]
     if not within:
@@ -182,9 +193,9 @@ def enumerate_candidates(
                     default=None)
         above = min((c for c in valid if c.params > target_params), key=lambda c: c.params,
                     default=None)
-        near = ", ".join(f"{c.params / 1e6:.2f}M ({c.name})" for c in (below, above) if c)
+        near = ", ".join(f"{format_params(c.params)} ({c.name})" for c in (below, above) if c)
         raise ValueError(
-            f"no candidate within {tolerance:.0%} of {target_params / 1e6:.2f}M parameters; "
+            f"no candidate within {tolerance:.0%} of {format_params(target_params)} parameters; "
             f"nearest feasible sizes: {near}. Change --target-params, widen "
             f"--params-tolerance, or extend the search space."
         )
