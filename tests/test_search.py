@@ -272,3 +272,21 @@ def test_bad_input_fails_with_one_actionable_error_before_any_work(case, assets,
     assert re.search(message, err[0]), err[0]
     assert not (tmp_path / "search").exists()
     assert (single[0] / "search_results.json").read_text() == before
+
+
+def test_slurm_script_passes_flags_the_search_accepts():
+    """launch/slurm/search.sbatch (dry run): its command line parses; --top-k only when set."""
+    import shlex
+
+    env = {"PATH": os.environ["PATH"], "TEACHER": "t", "SCORES": "s", "DATA": "d",
+           "TARGET_PARAMS": "4B", "OUT": "o", "SLURM_PROCID": "0", "SLURM_NTASKS": "8",
+           "SLURM_LOCALID": "0", "SLURM_JOB_NODELIST": "n1", "DRY_RUN": "1", "REPO": str(ROOT)}
+    for extra, top_k in (({}, None), ({"TOP_K": "3"}, 3)):
+        proc = subprocess.run(["bash", str(ROOT / "launch/slurm/search.sbatch")],
+                              capture_output=True, text=True, env={**env, **extra})
+        assert proc.returncode == 0, proc.stderr
+        line = proc.stdout.strip().splitlines()[-1]
+        args = cli.build_parser().parse_args(shlex.split(line.split("-m minitron_megatron ")[1]))
+        assert args.func.__module__ == "minitron_megatron.cli.search"
+        assert args.top_k == top_k and args.target_params == 4_000_000_000
+        assert args.candidate_train_iters == 400 and args.save_interval == 100

@@ -115,7 +115,8 @@ def _differences(ours: dict[str, Any], theirs: dict[str, Any], prefix: str = "")
     return out
 
 
-def _previous(search: SearchConfig, settings: dict[str, Any]) -> SearchResults | None:
+def _previous(search: SearchConfig, settings: dict[str, Any], candidates: list[Candidate],
+              tensor_parallel: int, pipeline_parallel: int) -> SearchResults | None:
     directory = search.save
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"--save {directory} is a file; pass a directory for the search.")
@@ -130,6 +131,13 @@ def _previous(search: SearchConfig, settings: dict[str, Any]) -> SearchResults |
         raise ValueError(f"--save {directory} holds a search with other settings (recorded → "
                          f"now: {'; '.join(diff)}); resume with the same flags and scores, or "
                          f"choose a new --save directory.")
+    recorded = [r.name for r in previous.candidates]
+    if recorded != [c.name for c in candidates]:
+        raise ValueError(f"--save {directory} holds a search over other candidates "
+                         f"({', '.join(recorded)}) than this layout allows ("
+                         f"{', '.join(c.name for c in candidates)} at TP={tensor_parallel}, "
+                         f"PP={pipeline_parallel}); resume at the layout the search started "
+                         f"with, or choose a new --save directory.")
     return previous
 
 
@@ -174,7 +182,7 @@ def prepare_search(*, teacher: CheckpointInfo, scores: Scores, space: SearchSpac
     settings = search_settings(teacher=teacher, scores=scores, space=space, search=search,
                                train=train, kd=kd, data=data, params_dtype=params_dtype,
                                seed=seed)
-    results = _previous(search, settings)
+    results = _previous(search, settings, candidates, tp, pp)
     if results is None:
         cfg = teacher.model_config
         results = SearchResults.new(settings, {"checkpoint": str(Path(teacher.root)),

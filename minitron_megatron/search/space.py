@@ -106,12 +106,25 @@ class SearchSpace:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"unknown search-space axes {unknown}; known: {sorted(names)}")
-        merged = {axis: tuple(data.get(axis, getattr(base, axis))) for axis in AXES}
-        return cls(**merged)
+        merged = {}
+        for axis in AXES:
+            value = data.get(axis, getattr(base, axis))
+            merged[axis] = (value,) if isinstance(value, int) else value
+            if not isinstance(merged[axis], list | tuple):
+                raise ValueError(f"search space {axis} must be a list of integers, e.g. "
+                                 f"{axis}: [{getattr(base, axis)[0]}], got {value!r}")
+        return cls(**{axis: tuple(values) for axis, values in merged.items()})
 
     @classmethod
     def from_yaml(cls, path: str | Path, base: SearchSpace) -> SearchSpace:
-        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {}, base)
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"search space {path} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"search space {path} must map axis names to lists of choices, "
+                             f"e.g. 'num_layers: [30, 28]'.")
+        return cls.from_dict(data, base)
 
     def check_against(self, teacher: ModelConfig, *, tensor_parallel: int) -> None:
         """Actionable errors for choices that can never give a valid pruned model."""
