@@ -11,6 +11,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from minitron_megatron.checkpoint import find_checkpoint, latest_iteration
 from minitron_megatron.config import ParallelConfig
 from minitron_megatron.data.loaders import DataConfig
 from minitron_megatron.evaluate import evaluate_checkpoint
+from minitron_megatron.model.build import build_model, count_parameters
 from minitron_megatron.runtime.distributed import LaunchEnv, distributed
 from minitron_megatron.search import runner
 from minitron_megatron.testing.multiprocess import DistributedRunError, run_distributed
@@ -207,6 +209,24 @@ def test_killed_search_resumes_without_redoing_finished_candidates(single, asset
     assert after["best"]["name"] == single[1]["best"]["name"] and after["complete"]
 
 
+def test_resume_with_another_top_k_keeps_every_recorded_loss(single, assets, tmp_path):
+    """--top-k may change on resume (a raised one distills the next candidates): nothing
+    recorded is redone; without --keep-all only the best's checkpoint stays."""
+    save = tmp_path / "search"
+    shutil.copytree(single[0], save)
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        cli.main(search_args(assets, save, "--top-k", "1"))
+    after = json.loads((save / "search_results.json").read_text())
+    assert after["settings"]["search"]["top_k"] == 1 and after["complete"]
+    assert _losses(after) == _losses(single[1])
+    assert [c["rank"] for c in after["candidates"]] == [c["rank"] for c in single[1]["candidates"]]
+    assert console.getvalue().count("done before") == 1 and "pruning and" not in console.getvalue()
+    kept = [c["name"] for c in after["candidates"]
+            if latest_iteration(save / "candidates" / c["name"] / "distilled") is not None]
+    assert kept == [after["best"]["name"]]
+
+
 def _scores_variant(assets, tmp_path, **changes):
     """The assets' scores file with fields replaced (another model's, no depth metrics)."""
     import dataclasses
@@ -224,7 +244,7 @@ def _scores_variant(assets, tmp_path, **changes):
 BAD = {
     "budget": (["--target-params", "1000"],
                r"no candidate within 3% of 1.00k parameters; nearest feasible sizes: "
-               r"82.\d\dk \(L3-H48-F48-A2-G2\)"),
+               r"{smallest} \(L3-H48-F48-A2-G2\)"),
     "space-vs-tp": (["--tensor-model-parallel-size", "2", "--search-space", "{tp_space}"],
                     r"no num_attention_heads choice \[3, 1\] is divisible by "
                     r"tensor-model-parallel-size 2"),
@@ -249,13 +269,21 @@ def test_bad_input_fails_with_one_actionable_error_before_any_work(case, assets,
                                                                    monkeypatch):
     flags, message = BAD[case]
     (tmp_path / "tp.yaml").write_text("num_attention_heads: [3, 1]\nnum_query_groups: [1]\n")
-    values = {"tp_space": str(tmp_path / "tp.yaml")}
+    values = {"tp_space": str(tmp_path / "tp.yaml"), "smallest": ""}
+    if case == "budget":  # the smallest shape of the space, counted on the built model
+        teacher = find_checkpoint(assets["teacher"]).model_config
+        smallest = teacher.replace(num_layers=3, hidden_size=48, ffn_hidden_size=48,
+                                   num_attention_heads=2, num_query_groups=2)
+        with distributed(LaunchEnv(), ParallelConfig()) as ps:
+            count = count_parameters(build_model(smallest, ps), ps)
+        values["smallest"] = re.escape(f"{count / 1e3:.2f}k")
     if case == "other-model":
         values["other_model"] = _scores_variant(assets, tmp_path,
                                                 model_config={"rotary_base": 500.0})
     if case == "no-depth-metric":
         values["no_depth"] = _scores_variant(assets, tmp_path, depth={})
     flags = [f.format(**values) for f in flags]
+    message = message.replace("{smallest}", values["smallest"])
     if case != "data-too-short":  # the data is checked first thing in the distributed job
         def no_work(*args, **kwargs):
             raise AssertionError("distributed work started before the inputs were checked")

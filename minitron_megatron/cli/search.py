@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "ffn_hidden_size, num_attention_heads, num_query_groups")
     g.add_argument("--top-k", type=int, default=None,
                    help="distill only the K candidates with the lowest zero-shot loss "
-                        "(default: all, as the paper)")
+                        "(default: all, as the paper); may be raised when resuming")
     g.add_argument("--candidate-train-iters", type=int, default=400,
                    help="distillation steps per candidate (the paper: rankings settle after "
                         "~300-400)")

@@ -33,7 +33,8 @@ class SearchConfig:
     top_k: int | None = None
     """Distill only the ``top_k`` candidates with the lowest zero-shot loss (pruning and
     evaluating a candidate is cheap next to distilling it); ``None``: distill every candidate,
-    as the paper does (the zero-shot loss is a poor predictor of the loss after retraining)."""
+    as the paper does (the zero-shot loss is a poor predictor of the loss after retraining).
+    It may change when a search is resumed: raising it distills the next candidates."""
 
     depth_method: str = "bi"
     """Which layers a shallower candidate drops (``bi``, ``loss`` or ``block``); its metric must

@@ -126,7 +126,11 @@ def _previous(search: SearchConfig, settings: dict[str, Any], candidates: list[C
             raise ValueError(f"--save {directory} is not empty and holds no {RESULTS_JSON}; "
                              f"choose a new or empty directory for the search.")
         return None
+    # --top-k may change on resume (recorded losses stay valid): raise it to distill more
+    recorded_top_k = previous.settings["search"]["top_k"]
+    previous.settings["search"]["top_k"] = settings["search"]["top_k"]
     if previous.settings != settings:
+        previous.settings["search"]["top_k"] = recorded_top_k
         diff = _differences(settings, previous.settings)
         raise ValueError(f"--save {directory} holds a search with other settings (recorded → "
                          f"now: {'; '.join(diff)}); resume with the same flags and scores, or "
