@@ -84,3 +84,21 @@ def test_space_that_contradicts_tp():
                              target_params=10**6, tolerance=0.5)
     with pytest.raises(ValueError, match="unknown search-space axes"):
         SearchSpace.from_dict({"depth": [3]}, space)
+
+
+def test_shapes_pruning_cannot_reach_are_left_out(tmp_path):
+    """A query group keeps at most the teacher's heads per group (2 here): 4 heads in 1 group
+    is no pruned TEACHER; bad YAML spaces are explained."""
+    space = SearchSpace.from_dict({"num_attention_heads": [4], "num_query_groups": [2, 1]},
+                                  SearchSpace.default(TEACHER))
+    candidates = enumerate_candidates(TEACHER, space, target_params=TEACHER.num_parameters() // 2,
+                                      tolerance=0.5)
+    assert candidates and {c.config.num_query_groups for c in candidates} == {2}
+    only_one_group = SearchSpace.from_dict({"num_query_groups": 1}, space)
+    with pytest.raises(ValueError, match="at most 2 heads per group"):
+        enumerate_candidates(TEACHER, only_one_group, target_params=10**6, tolerance=0.5)
+    (tmp_path / "bad.yaml").write_text("num_layers: [9\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        SearchSpace.from_yaml(tmp_path / "bad.yaml", space)
+    with pytest.raises(ValueError, match="must be a list of integers"):
+        SearchSpace.from_dict({"hidden_size": "wide"}, space)

@@ -7,9 +7,18 @@ import logging
 import sys
 import warnings
 
-from minitron_megatron.cli import convert, data, demo, distill, evaluate, importance, prune
+from minitron_megatron.cli import (
+    convert,
+    data,
+    demo,
+    distill,
+    evaluate,
+    importance,
+    prune,
+    search,
+)
 
-COMMANDS = (convert, data, importance, prune, distill, evaluate, demo)
+COMMANDS = (convert, data, importance, prune, search, distill, evaluate, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,6 +20,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", required=True, help="teacher checkpoint (frozen)")
     p.add_argument("--student", required=True, help="student checkpoint to start from")
     _add_training_args(p)
+    add_kd_args(p)
+    p.set_defaults(func=run_distill)
+
+    p = sub.add_parser("finetune", help="fine-tune a model with cross entropy (teacher "
+                                        "correction before distillation)")
+    p.add_argument("--model", required=True, help="checkpoint to fine-tune")
+    _add_training_args(p)
+    p.set_defaults(func=run_finetune)
+
+
+def add_kd_args(p: argparse.ArgumentParser) -> None:
+    """The distillation objective's flags (``kd_config`` reads them)."""
     g = p.add_argument_group("distillation")
     g.add_argument("--kd-temperature", type=float, default=1.0,
                    help="softmax temperature τ; the KL is scaled by τ²")
@@ -31,22 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--kd-intermediate", default=None, metavar="S:T,...",
                    help="0-based (student layer:teacher layer) pairs for a cosine hidden-state "
                         "loss, weighted by the loss balancer")
-    p.set_defaults(func=run_distill)
-
-    p = sub.add_parser("finetune", help="fine-tune a model with cross entropy (teacher "
-                                        "correction before distillation)")
-    p.add_argument("--model", required=True, help="checkpoint to fine-tune")
-    _add_training_args(p)
-    p.set_defaults(func=run_finetune)
 
 
-def _add_training_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("training")
-    g.add_argument("--save", required=True, help="run directory: checkpoints, metrics.jsonl")
-    g.add_argument("--load", default=None,
-                   help="resume from the latest checkpoint here (usually the --save directory; "
-                        "a run starts fresh while it holds none)")
-    g.add_argument("--train-iters", type=int, required=True)
+def add_schedule_args(g) -> None:
+    """Optimizer, LR schedule and bookkeeping flags shared by every training run (distill,
+    finetune, and each candidate of ``minitron search``); ``train_config`` reads them."""
     g.add_argument("--global-batch-size", type=int, required=True)
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--min-lr", type=float, default=0.0)
@@ -57,22 +58,32 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.95)
     g.add_argument("--clip-grad", type=float, default=1.0)
-    g.add_argument("--eval-interval", type=int, default=0)
-    g.add_argument("--eval-iters", type=int, default=1)
     g.add_argument("--save-interval", type=int, default=0)
     g.add_argument("--log-interval", type=int, default=1)
-    g.add_argument("--exit-interval", type=int, default=0)
     g.add_argument("--params-dtype", choices=("auto", *DTYPES), default="auto",
                    help="auto: bf16 on GPU, fp32 on CPU")
     g.add_argument("--no-distributed-optimizer", action="store_true",
                    help="keep whole optimizer states per rank even with bf16 on GPU")
     g.add_argument("--wandb-project", default=None)
     g.add_argument("--wandb-run-name", default=None)
+
+
+def _add_training_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--save", required=True, help="run directory: checkpoints, metrics.jsonl")
+    g.add_argument("--load", default=None,
+                   help="resume from the latest checkpoint here (usually the --save directory; "
+                        "a run starts fresh while it holds none)")
+    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--eval-interval", type=int, default=0)
+    g.add_argument("--eval-iters", type=int, default=1)
+    g.add_argument("--exit-interval", type=int, default=0)
+    add_schedule_args(g)
     add_data_args(p)
     add_parallel_args(p)
 
 
-def _params_dtype(args):
+def params_dtype(args):
     import torch
 
     if args.params_dtype == "auto":
@@ -80,26 +91,37 @@ def _params_dtype(args):
     return DTYPES[args.params_dtype]
 
 
-def _configs(args, dtype):
+def train_config(args, dtype, **run):
+    """``TrainConfig`` from the schedule flags; ``run`` gives the run's own fields (save, load,
+    train_iters, eval_interval, eval_iters, exit_interval)."""
     import torch
 
-    from minitron_megatron.data.loaders import DataConfig
     from minitron_megatron.distill.config import TrainConfig
 
-    train = TrainConfig(
-        save=args.save, load=args.load, train_iters=args.train_iters,
+    return TrainConfig(
         global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size,
         lr=args.lr, min_lr=args.min_lr, lr_warmup_iters=args.lr_warmup_iters,
         lr_decay_iters=args.lr_decay_iters, lr_decay_style=args.lr_decay_style,
         weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
-        clip_grad=args.clip_grad, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
-        save_interval=args.save_interval, log_interval=args.log_interval,
-        exit_interval=args.exit_interval,
+        clip_grad=args.clip_grad, save_interval=args.save_interval,
+        log_interval=args.log_interval,
         use_distributed_optimizer=dtype != torch.float32 and not args.no_distributed_optimizer,
-        wandb_project=args.wandb_project, wandb_run_name=args.wandb_run_name)
-    data = DataConfig(data_path=args.data_path, seq_length=args.seq_length, split=args.split,
+        wandb_project=args.wandb_project, wandb_run_name=args.wandb_run_name, **run)
+
+
+def data_config(args):
+    from minitron_megatron.data.loaders import DataConfig
+
+    return DataConfig(data_path=args.data_path, seq_length=args.seq_length, split=args.split,
                       seed=args.seed, cache_path=args.data_cache_path)
-    return train, data
+
+
+def kd_config(args):
+    from minitron_megatron.distill.config import KDConfig
+
+    return KDConfig(temperature=args.kd_temperature, ce_weight=args.kd_alpha,
+                    reverse=args.kd_reverse, top_k=args.kd_top_k,
+                    intermediate_pairs=KDConfig.parse_pairs(args.kd_intermediate))
 
 
 def _run(args, *, student_path: str, teacher_path: str | None, kd) -> None:
@@ -110,8 +132,11 @@ def _run(args, *, student_path: str, teacher_path: str | None, kd) -> None:
     from minitron_megatron.distill.training import Trainer, TrainingDiverged
     from minitron_megatron.runtime.distributed import LaunchEnv
 
-    dtype = _params_dtype(args)
-    train, data = _configs(args, dtype)
+    dtype = params_dtype(args)
+    train = train_config(args, dtype, save=args.save, load=args.load,
+                         train_iters=args.train_iters, eval_interval=args.eval_interval,
+                         eval_iters=args.eval_iters, exit_interval=args.exit_interval)
+    data = data_config(args)
     student = find_checkpoint(student_path)
     teacher = find_checkpoint(teacher_path) if teacher_path else None
     parallel = parallel_config(args)
@@ -127,12 +152,7 @@ def _run(args, *, student_path: str, teacher_path: str | None, kd) -> None:
 
 
 def run_distill(args: argparse.Namespace) -> None:
-    from minitron_megatron.distill.config import KDConfig
-
-    kd = KDConfig(temperature=args.kd_temperature, ce_weight=args.kd_alpha,
-                  reverse=args.kd_reverse, top_k=args.kd_top_k,
-                  intermediate_pairs=KDConfig.parse_pairs(args.kd_intermediate))
-    _run(args, student_path=args.student, teacher_path=args.teacher, kd=kd)
+    _run(args, student_path=args.student, teacher_path=args.teacher, kd=kd_config(args))
 
 
 def run_finetune(args: argparse.Namespace) -> None:

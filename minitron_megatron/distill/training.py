@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -228,9 +229,12 @@ class Trainer:
                 "layout": {"tp": self.ps.tp_size, "pp": self.ps.pp_size, "dp": self.ps.dp_size}}
 
     # ------------------------------------------------------------------ the loop
-    def run(self) -> RunResult:
+    def run(self, on_step: Callable[[int, dict[str, float]], None] | None = None) -> RunResult:
         """Train up to ``train_iters`` steps (from where a resumed run stands): log, evaluate
-        and checkpoint on their intervals, save at the end (or at the exit interval)."""
+        and checkpoint on their intervals, save at the end (or at the exit interval).
+
+        ``on_step(iteration, metrics)`` is called on every rank after each step (a caller's
+        progress view, e.g. the architecture search's ETA)."""
         t = self.train_cfg
         exit_interval = t.exit_interval
         progress = Progress(t.save, total_iters=t.train_iters, start_iter=self.state.iteration,
@@ -247,6 +251,8 @@ class Trainer:
                 last = it == t.train_iters
                 if it % t.log_interval == 0 or last:
                     progress.flush_line(it)
+                if on_step is not None:
+                    on_step(it, metrics)
                 if t.eval_interval and (it % t.eval_interval == 0 or last):
                     self._record_eval(progress)
                 stop = bool(exit_interval) and it % exit_interval == 0

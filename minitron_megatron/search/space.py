@@ -44,6 +44,14 @@ def parse_param_count(text: str | int) -> int:
     return value
 
 
+def format_params(count: int) -> str:
+    """``134515008`` → ``"134.52M"`` (``k``, ``M`` or ``B``)."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if count >= scale:
+            return f"{count / scale:.2f}{unit}"
+    return str(count)
+
+
 def _round_to(value: float, multiple: int) -> int:
     return max(multiple, int(round(value / multiple)) * multiple)
 
@@ -98,12 +106,25 @@ class SearchSpace:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"unknown search-space axes {unknown}; known: {sorted(names)}")
-        merged = {axis: tuple(data.get(axis, getattr(base, axis))) for axis in AXES}
-        return cls(**merged)
+        merged = {}
+        for axis in AXES:
+            value = data.get(axis, getattr(base, axis))
+            merged[axis] = (value,) if isinstance(value, int) else value
+            if not isinstance(merged[axis], list | tuple):
+                raise ValueError(f"search space {axis} must be a list of integers, e.g. "
+                                 f"{axis}: [{getattr(base, axis)[0]}], got {value!r}")
+        return cls(**{axis: tuple(values) for axis, values in merged.items()})
 
     @classmethod
     def from_yaml(cls, path: str | Path, base: SearchSpace) -> SearchSpace:
-        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {}, base)
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"search space {path} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"search space {path} must map axis names to lists of choices, "
+                             f"e.g. 'num_layers: [30, 28]'.")
+        return cls.from_dict(data, base)
 
     def check_against(self, teacher: ModelConfig, *, tensor_parallel: int) -> None:
         """Actionable errors for choices that can never give a valid pruned model."""
@@ -145,7 +166,8 @@ class Candidate:
 def _valid_shapes(teacher: ModelConfig, space: SearchSpace, tp: int, pp: int):
     for values in itertools.product(*(getattr(space, axis) for axis in AXES)):
         shape = dict(zip(AXES, values))
-        if shape["num_attention_heads"] % shape["num_query_groups"]:
+        per_group, rest = divmod(shape["num_attention_heads"], shape["num_query_groups"])
+        if rest or per_group > teacher.heads_per_group:  # pruning keeps heads within groups
             continue
         try:
             cfg = teacher.replace(**shape)
@@ -174,7 +196,9 @@ def enumerate_candidates(
     valid = list(_valid_shapes(teacher, space, tensor_parallel, pipeline_parallel))
     if not valid:
         raise ValueError(f"the search space holds no shape valid at TP={tensor_parallel} "
-                         f"(heads a multiple of query groups, all divisible by TP).")
+                         f"(heads a multiple of the query groups, at most "
+                         f"{teacher.heads_per_group} heads per group as in the teacher, heads, "
+                         f"groups and MLP size divisible by TP).")
     ranked = sorted(valid, key=lambda c: (abs(c.params - target_params), c.name))
     within = [c for c in ranked if abs(c.params - target_params) <= tolerance * target_params]
     if not within:
@@ -182,9 +206,9 @@ def enumerate_candidates(
                     default=None)
         above = min((c for c in valid if c.params > target_params), key=lambda c: c.params,
                     default=None)
-        near = ", ".join(f"{c.params / 1e6:.2f}M ({c.name})" for c in (below, above) if c)
+        near = ", ".join(f"{format_params(c.params)} ({c.name})" for c in (below, above) if c)
         raise ValueError(
-            f"no candidate within {tolerance:.0%} of {target_params / 1e6:.2f}M parameters; "
+            f"no candidate within {tolerance:.0%} of {format_params(target_params)} parameters; "
             f"nearest feasible sizes: {near}. Change --target-params, widen "
             f"--params-tolerance, or extend the search space."
         )

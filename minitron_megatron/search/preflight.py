@@ -1,0 +1,196 @@
+"""``prepare_search``: every check of an architecture search that can fail, done before any
+process group, dataset or model exists, and the resulting ``SearchPlan`` (the same on every rank).
+
+Actionable errors for: scores of another model, a teacher that does not fit the layout, a budget
+no candidate meets (with the nearest feasible sizes), a search space that contradicts TP,
+shallower candidates whose depth metric is not in the scores, distillation settings that cannot
+run (batch sizes, vocabulary, KD options), and a search directory that holds another search.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minitron_megatron.checkpoint import CheckpointInfo
+from minitron_megatron.config import ParallelConfig
+from minitron_megatron.data.loaders import DataConfig
+from minitron_megatron.distill.config import KDConfig, TrainConfig
+from minitron_megatron.distill.preflight import check_run
+from minitron_megatron.importance import Scores
+from minitron_megatron.pruning import PrunePlan, PruneTargets, make_plan
+from minitron_megatron.pruning.apply import check_same_model
+from minitron_megatron.search.config import RESULTS_JSON, SearchConfig
+from minitron_megatron.search.results import SearchResults
+from minitron_megatron.search.space import AXES, Candidate, SearchSpace, enumerate_candidates
+
+_UNSCORED_TRAIN_FIELDS = ("save", "load", "save_interval", "log_interval", "exit_interval",
+                          "eval_interval", "wandb_project", "wandb_run_name")
+"""Training fields that do not change any number of the search (may differ on resume)."""
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """A checked search: the candidates, their prune plans and the run settings."""
+
+    teacher: CheckpointInfo
+    candidates: tuple[Candidate, ...]
+    """Closest to the parameter target first."""
+
+    plans: dict[str, PrunePlan]
+    """Prune plan of each candidate, by name."""
+
+    search: SearchConfig
+    train: TrainConfig
+    """Distillation of each candidate (``save``/``load`` are set per candidate)."""
+
+    kd: KDConfig
+    data: DataConfig
+    results: SearchResults
+    """What a previous run of this search recorded (or an empty record)."""
+
+    @property
+    def eval_samples(self) -> int:
+        """Held-out samples every loss of the search is measured on."""
+        return self.train.eval_iters * self.train.global_batch_size
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def scores_digest(scores: Scores) -> str:
+    """Identity of a scores file's contents (tensors and the model they were computed on)."""
+    digest = hashlib.sha256(json.dumps(scores.model_config.to_dict(), sort_keys=True).encode())
+    for name, tensor in sorted(scores.tensors().items()):
+        digest.update(name.encode())
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def search_settings(*, teacher: CheckpointInfo, scores: Scores, space: SearchSpace,
+                    search: SearchConfig, train: TrainConfig, kd: KDConfig, data: DataConfig,
+                    params_dtype: torch.dtype, seed: int) -> dict[str, Any]:
+    """Everything that decides the search's numbers; a resumed search must match it."""
+    train_fields = {k: v for k, v in dataclasses.asdict(train).items()
+                    if k not in _UNSCORED_TRAIN_FIELDS}
+    data_fields = {k: v for k, v in dataclasses.asdict(data).items() if k != "cache_path"}
+    return _jsonable({
+        "teacher_config": teacher.model_config.to_dict(), "scores": scores_digest(scores),
+        "search": {"target_params": search.target_params,
+                   "params_tolerance": search.params_tolerance, "top_k": search.top_k,
+                   "depth_method": search.depth_method},
+        "space": {axis: list(getattr(space, axis)) for axis in AXES},
+        "train": train_fields, "kd": dataclasses.asdict(kd), "data": data_fields,
+        "params_dtype": str(params_dtype).removeprefix("torch."), "seed": seed})
+
+
+def _plan(scores: Scores, candidate: Candidate, depth_method: str) -> PrunePlan:
+    shape = candidate.shape()
+    try:
+        return make_plan(scores, PruneTargets(**shape, depth_method=depth_method))
+    except ValueError as err:
+        layers = scores.model_config.num_layers
+        hint = (f", or restrict the search space's num_layers to [{layers}]"
+                if shape["num_layers"] < layers else "")
+        raise ValueError(f"candidate {candidate.name} drops {layers - shape['num_layers']} of "
+                         f"{layers} layers by --depth-method {depth_method}, but "
+                         f"{str(err).rstrip('.')}{hint}.") from None
+
+
+def _differences(ours: dict[str, Any], theirs: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(ours.keys() | theirs.keys()):
+        a, b = ours.get(key), theirs.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} {b} → {a}")
+    return out
+
+
+def _previous(search: SearchConfig, settings: dict[str, Any], candidates: list[Candidate],
+              tensor_parallel: int, pipeline_parallel: int) -> SearchResults | None:
+    directory = search.save
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"--save {directory} is a file; pass a directory for the search.")
+    previous = SearchResults.load(directory)
+    if previous is None:
+        if directory.is_dir() and any(directory.iterdir()):
+            raise ValueError(f"--save {directory} is not empty and holds no {RESULTS_JSON}; "
+                             f"choose a new or empty directory for the search.")
+        return None
+    # --top-k may change on resume (recorded losses stay valid): raise it to distill more
+    recorded_top_k = previous.settings["search"]["top_k"]
+    previous.settings["search"]["top_k"] = settings["search"]["top_k"]
+    if previous.settings != settings:
+        previous.settings["search"]["top_k"] = recorded_top_k
+        diff = _differences(settings, previous.settings)
+        raise ValueError(f"--save {directory} holds a search with other settings (recorded → "
+                         f"now: {'; '.join(diff)}); resume with the same flags and scores, or "
+                         f"choose a new --save directory.")
+    recorded = [r.name for r in previous.candidates]
+    if recorded != [c.name for c in candidates]:
+        raise ValueError(f"--save {directory} holds a search over other candidates "
+                         f"({', '.join(recorded)}) than this layout allows ("
+                         f"{', '.join(c.name for c in candidates)} at TP={tensor_parallel}, "
+                         f"PP={pipeline_parallel}); resume at the layout the search started "
+                         f"with, or choose a new --save directory.")
+    return previous
+
+
+def prepare_search(*, teacher: CheckpointInfo, scores: Scores, space: SearchSpace,
+                   search: SearchConfig, train: TrainConfig, kd: KDConfig, data: DataConfig,
+                   parallel: ParallelConfig, world_size: int,
+                   params_dtype: torch.dtype = torch.float32, on_gpu: bool = False,
+                   seed: int = 1234) -> SearchPlan:
+    """Check everything and plan every candidate; raises one actionable ``ValueError``.
+
+    Example::
+
+        teacher = find_checkpoint("ckpt/teacher")
+        plan = prepare_search(teacher=teacher, scores=Scores.load("scores.safetensors"),
+                              space=SearchSpace.default(teacher.model_config),
+                              search=SearchConfig(save="search", target_params=70_000_000),
+                              train=TrainConfig(save="search", train_iters=400,
+                                                global_batch_size=256, eval_iters=4),
+                              kd=KDConfig(), data=DataConfig(data_path="wiki", seq_length=4096),
+                              parallel=ParallelConfig(), world_size=1)
+        results = run_search(plan, ps)
+    """
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    check_same_model(scores.model_config, teacher)
+    try:
+        teacher.model_config.check_parallel(tensor_parallel=tp, pipeline_parallel=pp)
+    except ValueError as err:
+        raise ValueError(f"the teacher ({teacher.root}) cannot be laid out at TP={tp}, PP={pp}: "
+                         f"{err}") from None
+    candidates = enumerate_candidates(teacher.model_config, space,
+                                      target_params=search.target_params,
+                                      tolerance=search.params_tolerance, tensor_parallel=tp,
+                                      pipeline_parallel=pp)
+    plans = {c.name: _plan(scores, c, search.depth_method) for c in candidates}
+    shallowest = min(candidates, key=lambda c: c.config.num_layers)
+    # every candidate derives from the teacher (same vocabulary and tokenizer); the shallowest
+    # one bounds the KD layer pairs
+    check_run(student=dataclasses.replace(teacher, model_config=shallowest.config),
+              teacher=teacher, kd=kd, train=dataclasses.replace(train, load=None),
+              parallel=parallel, world_size=world_size, params_dtype=params_dtype,
+              on_gpu=on_gpu)
+    settings = search_settings(teacher=teacher, scores=scores, space=space, search=search,
+                               train=train, kd=kd, data=data, params_dtype=params_dtype,
+                               seed=seed)
+    results = _previous(search, settings, candidates, tp, pp)
+    if results is None:
+        cfg = teacher.model_config
+        results = SearchResults.new(settings, {"checkpoint": str(Path(teacher.root)),
+                                               "name": Candidate(cfg).name,
+                                               "params": cfg.num_parameters()}, candidates)
+    return SearchPlan(teacher=teacher, candidates=tuple(candidates), plans=plans, search=search,
+                      train=train, kd=kd, data=data, results=results)
