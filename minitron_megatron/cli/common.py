@@ -34,6 +34,14 @@ def add_data_args(parser: argparse.ArgumentParser, *, seq_length: int | None = N
     group.add_argument("--micro-batch-size", type=int, default=1)
 
 
+def data_config(args: argparse.Namespace):
+    """``add_data_args``' flags → the loaders' ``DataConfig``."""
+    from minitron_megatron.data.loaders import DataConfig
+
+    return DataConfig(data_path=args.data_path, seq_length=args.seq_length, split=args.split,
+                      seed=args.seed, cache_path=args.data_cache_path)
+
+
 def parallel_config(args: argparse.Namespace) -> ParallelConfig:
     return ParallelConfig(
         tensor_model_parallel_size=args.tensor_model_parallel_size,

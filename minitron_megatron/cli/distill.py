@@ -10,6 +10,7 @@ from minitron_megatron.cli.common import (
     DTYPES,
     add_data_args,
     add_parallel_args,
+    data_config,
     parallel_config,
     run_distributed,
 )
@@ -107,13 +108,6 @@ def train_config(args, dtype, **run):
         log_interval=args.log_interval,
         use_distributed_optimizer=dtype != torch.float32 and not args.no_distributed_optimizer,
         wandb_project=args.wandb_project, wandb_run_name=args.wandb_run_name, **run)
-
-
-def data_config(args):
-    from minitron_megatron.data.loaders import DataConfig
-
-    return DataConfig(data_path=args.data_path, seq_length=args.seq_length, split=args.split,
-                      seed=args.seed, cache_path=args.data_cache_path)
 
 
 def kd_config(args):

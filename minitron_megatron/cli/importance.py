@@ -11,6 +11,7 @@ from minitron_megatron.cli.common import (
     DTYPES,
     add_data_args,
     add_parallel_args,
+    data_config,
     parallel_config,
     run_distributed,
 )
@@ -39,7 +40,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from minitron_megatron.checkpoint import find_checkpoint
-    from minitron_megatron.data.loaders import DataConfig
     from minitron_megatron.importance import ImportanceConfig, importance_checkpoint
 
     info = find_checkpoint(args.load)
@@ -52,8 +52,7 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"--save-scores {out} must be a file in an existing directory.")
     if args.calib_samples <= 0:
         raise ValueError(f"--calib-samples must be positive, got {args.calib_samples}.")
-    data = DataConfig(data_path=args.data_path, seq_length=args.seq_length, split=args.split,
-                      seed=args.seed, cache_path=args.data_cache_path)
+    data = data_config(args)
     parallel = parallel_config(args)
     info.model_config.check_parallel(tensor_parallel=parallel.tensor_model_parallel_size,
                                      pipeline_parallel=parallel.pipeline_model_parallel_size)

@@ -65,8 +65,8 @@ def run(args: argparse.Namespace) -> None:
     import torch
 
     from minitron_megatron.checkpoint import find_checkpoint
-    from minitron_megatron.cli.common import run_distributed
-    from minitron_megatron.cli.distill import data_config, kd_config, params_dtype, train_config
+    from minitron_megatron.cli.common import data_config, run_distributed
+    from minitron_megatron.cli.distill import kd_config, params_dtype, train_config
     from minitron_megatron.distill.training import TrainingDiverged
     from minitron_megatron.importance import Scores
     from minitron_megatron.runtime.distributed import LaunchEnv
