@@ -5,9 +5,10 @@ single-process stages, ``torchrun`` for parallel ones; timed):
 
 1. import the SmolLM2-135M GGUF; 2. tokenize the Wikipedia corpus (fixed 98/2 document split);
 3. teacher's held-out loss at TP=3; 4. importance on 3 ranks (TP=3: SmolLM2's 3 query groups);
-5. prune to about half the parameters; 6. pruned zero-shot loss; 7. distillation (teacher and
-student forward together, logit forward KL); 8. distilled loss. Then a table (losses,
-parameters, wall time per stage), ``report.md`` and ``val_loss.png`` in the output directory.
+5. prune to about half the parameters (TP=3); 6. pruned zero-shot loss; 7. distillation on 2
+data-parallel ranks (teacher and student forward together, logit forward KL); 8. distilled
+loss. Then a table (losses, parameters, wall time per stage), ``report.md`` and
+``val_loss.png`` in the output directory.
 """
 
 from __future__ import annotations
@@ -48,11 +49,15 @@ class DemoConfig:
     calib_samples: int = 64
     """Calibration samples of the importance stage."""
 
-    distill_iters: int = 150
-    """Distillation steps (the demo's main budget: ≈ 8 minutes on 2 cores)."""
+    distill_nproc: int = 2
+    """Data-parallel ranks of the distillation (on 2 cores, two single-threaded ranks are the
+    fastest layout; three TP ranks would oversubscribe them)."""
 
-    global_batch_size: int = 8
-    """Samples per distillation step."""
+    distill_iters: int = 80
+    """Distillation steps (the demo's main budget: ≈ 9 minutes on 2 cores)."""
+
+    global_batch_size: int = 4
+    """Samples per distillation step (micro-batches of 2 on each data-parallel rank)."""
 
     python: str = field(default_factory=lambda: sys.executable)
     """Interpreter that runs the stages."""
@@ -60,11 +65,14 @@ class DemoConfig:
     def __post_init__(self) -> None:
         if self.quick:
             for name, value in (("seq_length", 64), ("eval_samples", 6), ("calib_samples", 6),
-                                ("distill_iters", 4), ("global_batch_size", 2)):
+                                ("distill_iters", 4)):
                 object.__setattr__(self, name, value)
         if 3 % self.nproc:
             raise ValueError(f"--nproc {self.nproc} must divide SmolLM2's 3 query groups "
                              f"(use 1 or 3).")
+        if self.distill_nproc <= 0 or self.global_batch_size % (2 * self.distill_nproc):
+            raise ValueError(f"the global batch {self.global_batch_size} must be a multiple of "
+                             f"2 × the {self.distill_nproc} distillation ranks.")
         for name in ("seq_length", "eval_samples", "calib_samples", "distill_iters",
                      "global_batch_size"):
             if getattr(self, name) <= 0:
@@ -75,6 +83,7 @@ class DemoConfig:
 class StageResult:
     name: str
     seconds: float
+    layout: str = "1 process"
     output: dict = field(default_factory=dict)
 
 
@@ -86,7 +95,7 @@ class Demo:
         self.results: list[StageResult] = []
         self.dir = Path(cfg.output_dir)
 
-    def _run(self, name: str, args: list[str], nproc: int = 1) -> dict:
+    def _run(self, name: str, args: list[str], nproc: int = 1, layout: str = "") -> dict:
         if nproc > 1:
             cmd = [self.cfg.python, "-m", "torch.distributed.run", "--standalone",
                    f"--nproc-per-node={nproc}", "-m", "minitron_megatron", *args]
@@ -102,7 +111,8 @@ class Demo:
             raise RuntimeError(f"demo stage {name!r} failed (exit {proc.returncode})")
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         output = json.loads(lines[-1]) if lines else {}
-        self.results.append(StageResult(name, seconds, output))
+        self.results.append(StageResult(name, seconds, output=output,
+                                        layout=layout if nproc > 1 else "1 process"))
         return output
 
     def _evaluate(self, name: str, ckpt: Path) -> dict:
@@ -111,7 +121,7 @@ class Demo:
             "evaluate", "--load", str(ckpt), "--data-path", str(self.data),
             "--seq-length", str(cfg.seq_length), "--eval-samples", str(cfg.eval_samples),
             "--micro-batch-size", "2", "--tensor-model-parallel-size", str(cfg.nproc),
-        ], nproc=cfg.nproc)
+        ], nproc=cfg.nproc, layout=f"TP={cfg.nproc}")
 
     def run(self) -> list[StageResult]:
         cfg, d = self.cfg, self.dir
@@ -128,25 +138,25 @@ class Demo:
             "importance", "--load", str(teacher), "--data-path", str(self.data),
             "--seq-length", str(cfg.seq_length), "--calib-samples", str(cfg.calib_samples),
             "--micro-batch-size", "2", "--save-scores", str(d / "scores.safetensors"), *tp,
-        ], nproc=cfg.nproc)
+        ], nproc=cfg.nproc, layout=f"TP={cfg.nproc}")
         targets = [f"--target-{k.replace('_', '-')}" for k in PRUNE_TARGET]
         self._run("prune", [
             "prune", "--load", str(teacher), "--scores", str(d / "scores.safetensors"),
             "--save", str(student),
             *(x for flag, v in zip(targets, PRUNE_TARGET.values()) for x in (flag, str(v))), *tp,
-        ], nproc=cfg.nproc)
+        ], nproc=cfg.nproc, layout=f"TP={cfg.nproc}")
         self._evaluate("pruned zero-shot loss", student)
         self._run("distill", [
             "distill", "--teacher", str(teacher), "--student", str(student),
             "--data-path", str(self.data), "--save", str(distilled),
             "--seq-length", str(cfg.seq_length), "--micro-batch-size", "2",
             "--global-batch-size", str(cfg.global_batch_size),
-            "--train-iters", str(cfg.distill_iters), "--lr", "3e-4", "--min-lr", "3e-5",
+            "--train-iters", str(cfg.distill_iters), "--lr", "6e-4", "--min-lr", "6e-5",
             "--lr-warmup-iters", str(max(1, cfg.distill_iters // 20)),
             "--lr-decay-style", "cosine", "--clip-grad", "1.0",
-            "--eval-interval", str(max(1, cfg.distill_iters // 6)), "--eval-iters", "2",
-            "--save-interval", str(cfg.distill_iters), "--log-interval", "10", *tp,
-        ], nproc=cfg.nproc)
+            "--eval-interval", str(max(1, cfg.distill_iters // 8)), "--eval-iters", "3",
+            "--save-interval", str(cfg.distill_iters), "--log-interval", "10",
+        ], nproc=cfg.distill_nproc, layout=f"DP={cfg.distill_nproc}")
         self._evaluate("distilled loss", distilled)
         self.write_report()
         return self.results
@@ -165,13 +175,13 @@ class Demo:
         }
 
     def table(self) -> str:
-        rows = ["| stage | wall time (s) | result |", "|---|---:|---|"]
+        rows = ["| stage | ranks | wall time (s) | result |", "|---|---|---:|---|"]
         for r in self.results:
             shown = ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                               for k, v in r.output.items() if not isinstance(v, dict))
-            rows.append(f"| {r.name} | {r.seconds:.1f} | {shown} |")
+            rows.append(f"| {r.name} | {r.layout} | {r.seconds:.1f} | {shown} |")
         s = self.summary()
-        rows.append(f"| **total** | {s['total_seconds']:.1f} | |")
+        rows.append(f"| **total** | | {s['total_seconds']:.1f} | |")
         return "\n".join(rows)
 
     def curve(self) -> list[tuple[int, float]]:
