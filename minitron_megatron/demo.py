@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,12 +105,21 @@ class Demo:
         print(f"[demo] {name}: {' '.join(cmd[2:])}", flush=True)
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
         start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        seconds = time.perf_counter() - start
-        if proc.returncode != 0:
-            sys.stderr.write(proc.stdout[-2000:] + proc.stderr[-4000:])
-            raise RuntimeError(f"demo stage {name!r} failed (exit {proc.returncode})")
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        stdout: list[str] = []
+        with tempfile.TemporaryFile("w+") as stderr:
+            # the stage's own progress (distillation steps, validations) shows as it happens
+            with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                  env=env) as proc:
+                for line in proc.stdout:
+                    stdout.append(line)
+                    if not line.startswith("{"):
+                        print(f"    {line}", end="", flush=True)
+            seconds = time.perf_counter() - start
+            if proc.returncode != 0:
+                stderr.seek(0)
+                sys.stderr.write(stderr.read()[-4000:])
+                raise RuntimeError(f"demo stage {name!r} failed (exit {proc.returncode})")
+        lines = [ln for ln in stdout if ln.startswith("{")]
         output = json.loads(lines[-1]) if lines else {}
         self.results.append(StageResult(name, seconds, output=output,
                                         layout=layout if nproc > 1 else "1 process"))
