@@ -55,7 +55,7 @@ class DemoConfig:
     fastest layout; three TP ranks would oversubscribe them)."""
 
     distill_iters: int = 80
-    """Distillation steps (the demo's main budget: ≈ 9 minutes on 2 cores)."""
+    """Distillation steps (the demo's main budget: ≈ 9.5 minutes on 2 cores)."""
 
     global_batch_size: int = 4
     """Samples per distillation step (micro-batches of 2 on each data-parallel rank)."""
