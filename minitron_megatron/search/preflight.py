@@ -115,6 +115,10 @@ def _differences(ours: dict[str, Any], theirs: dict[str, Any], prefix: str = "")
     return out
 
 
+def _without_top_k(settings: dict[str, Any]) -> dict[str, Any]:
+    return {**settings, "search": {k: v for k, v in settings["search"].items() if k != "top_k"}}
+
+
 def _previous(search: SearchConfig, settings: dict[str, Any], candidates: list[Candidate],
               tensor_parallel: int, pipeline_parallel: int) -> SearchResults | None:
     directory = search.save
@@ -126,15 +130,13 @@ def _previous(search: SearchConfig, settings: dict[str, Any], candidates: list[C
             raise ValueError(f"--save {directory} is not empty and holds no {RESULTS_JSON}; "
                              f"choose a new or empty directory for the search.")
         return None
-    # --top-k may change on resume (recorded losses stay valid): raise it to distill more
-    recorded_top_k = previous.settings["search"]["top_k"]
-    previous.settings["search"]["top_k"] = settings["search"]["top_k"]
-    if previous.settings != settings:
-        previous.settings["search"]["top_k"] = recorded_top_k
-        diff = _differences(settings, previous.settings)
+    # --top-k may change on resume (the recorded losses stay valid): raising it distills more
+    diff = _differences(_without_top_k(settings), _without_top_k(previous.settings))
+    if diff:
         raise ValueError(f"--save {directory} holds a search with other settings (recorded → "
                          f"now: {'; '.join(diff)}); resume with the same flags and scores, or "
                          f"choose a new --save directory.")
+    previous.settings["search"]["top_k"] = settings["search"]["top_k"]
     recorded = [r.name for r in previous.candidates]
     if recorded != [c.name for c in candidates]:
         raise ValueError(f"--save {directory} holds a search over other candidates "
