@@ -117,7 +117,9 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path``'s contents all at once (temporary file + rename): a reader or a crash
+    sees the old text or the new, never a partial file."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -171,7 +173,7 @@ def save_checkpoint(
         os.replace(tmp, final)
         if old.exists():
             shutil.rmtree(old)
-        _write_text_atomic(root / TRACKER_FILE, str(iteration))
+        write_text_atomic(root / TRACKER_FILE, str(iteration))
     _barrier()
     return final
 

@@ -8,10 +8,11 @@ import datetime
 import importlib.util
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
+
+from minitron_megatron.checkpoint import write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -117,6 +118,4 @@ def _truncate_after(path: Path, iteration: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line).get("iteration", 0) <= iteration]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))

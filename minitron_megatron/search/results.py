@@ -12,11 +12,11 @@ Ties are broken by name, so every rank and every resume gives the same order.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from minitron_megatron.checkpoint import write_text_atomic
 from minitron_megatron.search.config import RESULTS_JSON, RESULTS_MD
 from minitron_megatron.search.space import AXES, Candidate, format_params
 
@@ -44,12 +44,6 @@ class CandidateResult:
 
     checkpoint: str | None = None
     """Its distilled checkpoint, relative to the search directory, while it is kept."""
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _order(results: list[CandidateResult], key: str) -> list[CandidateResult]:
@@ -151,8 +145,8 @@ class SearchResults:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         data = self.to_dict()
-        _atomic_write(directory / RESULTS_JSON, json.dumps(data, indent=2) + "\n")
-        _atomic_write(directory / RESULTS_MD, render_markdown(data))
+        write_text_atomic(directory / RESULTS_JSON, json.dumps(data, indent=2) + "\n")
+        write_text_atomic(directory / RESULTS_MD, render_markdown(data))
 
 
 def _num(value: float | None, fmt: str) -> str:
