@@ -100,6 +100,9 @@ def test_distill_prints_progress_and_logs_metrics(students, llama_ckpt_untied, t
         assert part in line, line
     assert "validation at iteration 2: val loss" in out
     records = read_metrics(save)
+    summary = json.loads(out.strip().splitlines()[-1])  # the closing JSON line
+    last_eval = [r for r in records if "val_loss" in r][-1]
+    assert summary == {"save": str(save), "iteration": 2, "val_loss": last_eval["val_loss"]}
     steps = [r for r in records if "loss" in r]
     assert [r["iteration"] for r in steps] == [1, 2]
     for r in steps:  # α·CE + (1 − α)·KD with α = 0.5

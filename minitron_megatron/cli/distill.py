@@ -4,6 +4,7 @@ cross entropy only, no teacher: the teacher correction of the follow-up paper)."
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 from minitron_megatron.cli.common import (
@@ -139,10 +140,16 @@ def _run(args, *, student_path: str, teacher_path: str | None, kd) -> None:
               on_gpu=torch.cuda.is_available())
     with run_distributed(parallel) as ps:
         try:
-            Trainer(train=train, kd=kd, data=data, student=student, teacher=teacher, ps=ps,
-                    params_dtype=dtype, seed=args.seed).run()
+            result = Trainer(train=train, kd=kd, data=data, student=student, teacher=teacher,
+                             ps=ps, params_dtype=dtype, seed=args.seed).run()
         except TrainingDiverged as err:
             raise SystemExit(f"minitron {args.command}: error: {err}") from None
+        if ps.rank == 0:  # one JSON summary line, like evaluate / importance / prune
+            evals = [h for h in result.history if "val_loss" in h]
+            summary = {"save": str(train.save), "iteration": result.state.iteration}
+            if evals:
+                summary["val_loss"] = evals[-1]["val_loss"]
+            print(json.dumps(summary), flush=True)
 
 
 def run_distill(args: argparse.Namespace) -> None:
