@@ -25,7 +25,7 @@ What ModelOpt 0.43.0 needs or refuses here (the workarounds live in this file, n
   ``KeyError ... RMSNorm is not registered``) or ``torch.nn.LayerNorm`` (registered without that
   argument): ``_torch_norms_registered`` registers both for the duration of the prune.
 * Depth pruning (``num_layers``) moves its layer counts with ``Tensor.cuda()`` (``AssertionError:
-  Torch not compiled with CUDA enabled``): ``_tensor_cuda_is_identity`` during the prune.
+  Torch not compiled with CUDA enabled``): ``cpu_compat.tensor_cuda_is_identity`` during the prune.
 * Only TP=1 (it asserts); heads are pruned within each query group, so a head target must be a
   multiple of the group count (the group count itself works).
 * With its default divisors (hidden 256, ffn 512) a target outside the rounded choices (e.g.
@@ -47,6 +47,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+
+from minitron_megatron.runtime.cpu_compat import tensor_cuda_is_identity
 
 PRUNABLE = ("ffn_hidden_size", "hidden_size", "num_attention_heads", "num_layers")
 MODELOPT_INSTALL = "pip install -c constraints.txt nvidia-modelopt==0.43.0 requests huggingface_hub"
@@ -125,21 +127,6 @@ def _torch_norms_registered() -> Iterator[None]:
             DMRegistry.register({cls: norms[cls]})(dm_cls)
 
 
-@contextlib.contextmanager
-def _tensor_cuda_is_identity() -> Iterator[None]:
-    """ModelOpt's layer dropping moves its layer counts to the GPU with ``Tensor.cuda()`` before
-    an all-gather; without CUDA (gloo ranks) the tensors stay where they are."""
-    if torch.cuda.is_available():
-        yield
-        return
-    original = torch.Tensor.cuda
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
-    try:
-        yield
-    finally:
-        torch.Tensor.cuda = original
-
-
 def _import_modelopt():
     try:
         import modelopt.torch.prune as mtp
@@ -171,7 +158,7 @@ def modelopt_prune(model, model_config, ps, targets: dict[str, int], calibration
     mode_config = minitron_config(hidden_size_divisor=1, ffn_hidden_size_divisor=1,
                                   num_layers_divisor=1)
     chatter = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
-    with _timer() as seconds, chatter, _torch_norms_registered(), _tensor_cuda_is_identity():
+    with _timer() as seconds, chatter, _torch_norms_registered(), tensor_cuda_is_identity():
         model, _ = mtp.prune(model, mode=[("mcore_minitron", mode_config)],
                              constraints={"export_config": dict(targets)}, dummy_input=None,
                              config={"forward_loop": forward_loop})

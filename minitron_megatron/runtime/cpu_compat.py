@@ -204,7 +204,13 @@ def _clip_grad_by_total_norm_cpu(
 
 
 @contextlib.contextmanager
-def _tensor_cuda_is_identity():
+def tensor_cuda_is_identity():
+    """Within the block ``Tensor.cuda()`` returns the tensor itself (CPU ranks); with CUDA
+    present nothing is changed. Also used around ModelOpt's prune call (its layer dropping
+    moves counts to the GPU before an all-gather)."""
+    if torch.cuda.is_available():
+        yield
+        return
     original = torch.Tensor.cuda
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
     try:
@@ -216,7 +222,7 @@ def _tensor_cuda_is_identity():
 def _setup_embeddings_on_cpu(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def setup_embeddings_and_output_layer(self, *args: Any, **kwargs: Any):
-        with _tensor_cuda_is_identity():
+        with tensor_cuda_is_identity():
             return original(self, *args, **kwargs)
 
     return setup_embeddings_and_output_layer
