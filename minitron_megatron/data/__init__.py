@@ -1,0 +1,1 @@
+"""Tokenizers, preprocessing into Megatron indexed datasets, GPTDataset loaders, real assets."""
