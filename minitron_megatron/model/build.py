@@ -2,7 +2,8 @@
 
 On a GPU with TransformerEngine importable, the TE layer spec (fused norm+linear, TE attention)
 is used; otherwise the local spec (Megatron-Core's own modules). Checkpoints are the same for both:
-the local spec maps its norm keys onto the TE names when it writes a sharded state dict.
+the local spec maps its norm keys onto the TE names when it writes a sharded state dict, and TE's
+``_extra_state`` entries are the only difference ``checkpoint.load_checkpoint`` tolerates.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from minitron_megatron.config import ModelConfig
+from minitron_megatron.errors import UserError
 from minitron_megatron.runtime.distributed import ParallelState
 
 LayerSpec = Literal["auto", "local", "te"]
@@ -56,19 +58,55 @@ def pipeline_split(num_layers: int, pp_size: int) -> tuple[int | None, int | Non
     return rest - rest // 2, rest // 2
 
 
+def resolve_spec(spec: LayerSpec) -> Literal["local", "te"]:
+    """``"auto"`` → ``"te"`` where TransformerEngine is usable, else ``"local"``."""
+    if spec == "auto":
+        return "te" if te_available() else "local"
+    if spec == "te" and not te_available():
+        raise UserError("the TransformerEngine layer spec needs CUDA and transformer_engine; "
+                        "use the local spec on this machine.")
+    return spec
+
+
+def _bias_activation_fusable(cfg: ModelConfig) -> bool:
+    """Megatron's fused bias+activation exists for gelu (gated, or with a bias) and SwiGLU."""
+    if cfg.activation == "gelu":
+        return cfg.gated_linear_unit or cfg.add_bias_linear
+    return cfg.activation == "silu" and cfg.gated_linear_unit
+
+
+def _fusions(cfg: ModelConfig, *, on_gpu: bool, spec: Literal["local", "te"]) -> dict[str, bool]:
+    """Kernel fusions the chosen spec can run: none on CPU; Megatron's jit fusions on any GPU;
+    TE's fused RoPE only with the TE spec; Megatron's fused softmax only with the local spec's
+    attention, when its kernel is installed. Never apex's persistent LayerNorm: the local spec's
+    torch norms refuse it and TE's norms ignore it."""
+    if not on_gpu:
+        return dict(bias_activation_fusion=False, bias_dropout_fusion=False,
+                    masked_softmax_fusion=False, apply_rope_fusion=False,
+                    persist_layer_norm=False)
+    softmax_kernel = importlib.util.find_spec("scaled_upper_triang_masked_softmax_cuda")
+    return dict(
+        bias_activation_fusion=_bias_activation_fusable(cfg),
+        bias_dropout_fusion=True,
+        masked_softmax_fusion=spec == "local" and softmax_kernel is not None,
+        apply_rope_fusion=spec == "te" and cfg.position_embedding_type == "rope",
+        persist_layer_norm=False,
+    )
+
+
 def transformer_config(
     cfg: ModelConfig,
     ps: ParallelState,
     *,
     params_dtype: torch.dtype = torch.float32,
     init_weights: bool = True,
+    spec: Literal["local", "te"] = "local",
 ):
-    """Megatron ``TransformerConfig`` for a model config on this layout."""
+    """Megatron ``TransformerConfig`` for a model config on this layout and layer spec."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     cfg.check_parallel(tensor_parallel=ps.tp_size, pipeline_parallel=ps.pp_size)
     on_gpu = ps.device.type == "cuda"
-    fused = on_gpu and te_available()
     first, last = pipeline_split(cfg.num_layers, ps.pp_size)
     return TransformerConfig(
         num_layers=cfg.num_layers,
@@ -98,24 +136,16 @@ def transformer_config(
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=not on_gpu,
         perform_initialization=init_weights,
-        bias_activation_fusion=fused and cfg.activation in ("silu", "gelu") and (
-            cfg.gated_linear_unit == (cfg.activation == "silu")),
-        bias_dropout_fusion=fused,
-        masked_softmax_fusion=fused,
-        apply_rope_fusion=fused,
-        persist_layer_norm=fused,
         gradient_accumulation_fusion=False,
+        **_fusions(cfg, on_gpu=on_gpu, spec=spec),
     )
 
 
-def layer_spec(cfg: ModelConfig, *, spec: LayerSpec = "auto"):
-    """The Megatron-Core layer spec: TE's on a GPU with TransformerEngine, else the local one."""
+def layer_spec(cfg: ModelConfig, *, spec: Literal["local", "te"]):
+    """Megatron-Core's own layer spec: TE's (fused norm+linear, TE attention) or the local one."""
     from megatron.core.models.gpt import gpt_layer_specs
 
-    use_te = te_available() if spec == "auto" else spec == "te"
-    if use_te:
-        if not te_available():
-            raise ValueError("the TransformerEngine spec needs CUDA and transformer_engine.")
+    if spec == "te":
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     return gpt_layer_specs.get_gpt_layer_local_spec(normalization=cfg.normalization)
 
@@ -130,13 +160,16 @@ def build_model(
 ):
     """Build this rank's stage of the ``GPTModel`` (pre/post-process set by the PP rank).
 
-    The model is returned on ``ps.device`` with logits left vocab-parallel (sharded over TP).
+    The model is returned on ``ps.device`` with logits left vocab-parallel (sharded over TP);
+    ``model.layer_spec`` names the spec it was built with (``"te"`` or ``"local"``).
     """
     from megatron.core.models.gpt import GPTModel
 
+    kind = resolve_spec(spec)
     model = GPTModel(
-        config=transformer_config(cfg, ps, params_dtype=params_dtype, init_weights=init_weights),
-        transformer_layer_spec=layer_spec(cfg, spec=spec),
+        config=transformer_config(cfg, ps, params_dtype=params_dtype, init_weights=init_weights,
+                                  spec=kind),
+        transformer_layer_spec=layer_spec(cfg, spec=kind),
         vocab_size=cfg.padded_vocab_size,
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=ps.is_first_stage,
@@ -150,6 +183,7 @@ def build_model(
         rope_scaling_factor=cfg.rope_scaling_factor or 8.0,
         pg_collection=ps.pg_collection(),
     )
+    model.layer_spec = kind
     if not init_weights:
         mark_tensor_parallel_weights(model)
     return model.to(ps.device)
@@ -189,7 +223,6 @@ def count_parameters(model: torch.nn.Module, ps: ParallelState) -> int:
     """Parameters of the whole model, summed over TP and PP ranks without double counting:
     TP-replicated tensors (norms, row-parallel biases) count on TP rank 0 only, and the last
     stage's copy of a tied embedding not at all. Collective over the model-parallel ranks."""
-    import torch.distributed as dist
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
     total = 0
@@ -199,7 +232,5 @@ def count_parameters(model: torch.nn.Module, ps: ParallelState) -> int:
         )
         if not tied_copy and param_is_not_tensor_parallel_duplicate(param):
             total += param.numel()
-    count = torch.tensor([total], dtype=torch.int64)
-    dist.all_reduce(count, group=ps.tp_group)
-    dist.all_reduce(count, group=ps.pp_group)
-    return int(count.item())
+    count = ps.all_reduce(torch.tensor([total], dtype=torch.int64), group=ps.tp_group)
+    return int(ps.all_reduce(count, group=ps.pp_group).item())
