@@ -178,6 +178,25 @@ def save_checkpoint(
     return final
 
 
+EXTRA_STATE_SUFFIX = "_extra_state"
+"""TransformerEngine modules keep FP8 metadata under this key. It is the only state that may be
+absent on one side: a checkpoint written with the local spec has none, and TE's attention puts one
+in ``state_dict()`` that Megatron-Core's ``sharded_state_dict`` never writes."""
+
+
+def _not_extra_state(keys: Any) -> list[str]:
+    return sorted(k for k in keys if not k.endswith(EXTRA_STATE_SUFFIX))
+
+
+def _any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank (so every rank raises together, none waits)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    flags = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, flag)
+    return any(flags)
+
+
 def load_checkpoint(
     info: CheckpointInfo,
     *,
@@ -185,21 +204,40 @@ def load_checkpoint(
     extra_sharded_state: dict[str, Any] | None = None,
     strict: bool = True,
 ) -> dict[str, Any]:
-    """Load ``info``'s tensors into this rank's ``model`` (any TP/PP) and return the loaded state
-    (common items and the loaded ``extra_sharded_state``).
+    """Load ``info``'s tensors into this rank's ``model`` (any TP/PP, local or TE layer spec) and
+    return the loaded state (common items and the loaded ``extra_sharded_state``).
 
-    With ``strict``, every requested tensor must be in the checkpoint; items the checkpoint holds
-    beyond the request (a training run's optimizer and RNG state) are left unread."""
+    Every model tensor must be in the checkpoint and every checkpoint tensor of the model must
+    fit it, with one exception: TransformerEngine ``_extra_state`` entries may be absent on either
+    side (a local-spec checkpoint loaded into a TE model, or the other way round). With ``strict``
+    the same holds for ``extra_sharded_state``; without it, its items the checkpoint lacks are
+    skipped. Items the checkpoint holds beyond the request (a training run's optimizer and RNG
+    states when only the model is loaded) are left unread."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     request: dict[str, Any] = {"model": model.sharded_state_dict()}
     request.update(extra_sharded_state or {})
-    # strict: every requested tensor must be in the checkpoint; tensors it holds beyond the
-    # request (an optimizer's state when only the model is loaded) are fine.
-    loaded = dist_checkpointing.load(
-        request, str(info.path),
-        strict=StrictHandling.RAISE_UNEXPECTED if strict else StrictHandling.LOG_UNEXPECTED,
-    )
-    model.load_state_dict(loaded.pop("model"), strict=strict)
+    # Unexpected = requested but not in the checkpoint; they are dropped from the request.
+    loaded, _, unexpected = dist_checkpointing.load(
+        request, str(info.path), strict=StrictHandling.RETURN_UNEXPECTED)
+    lacking = _not_extra_state(unexpected)
+    if not strict:
+        lacking = [k for k in lacking if k in _not_extra_state(_sharded_keys(request["model"]))]
+    if _any_rank(bool(lacking)):
+        named = ", ".join(lacking[:4]) + (" …" if len(lacking) > 4 else "")
+        raise CheckpointError(
+            f"{info.path} lacks tensors this model needs ({named or 'on another rank'}): it was "
+            f"written for another model or is incomplete; re-create it, or load the checkpoint "
+            f"it was pruned or distilled from.")
+    result = model.load_state_dict(loaded.pop("model"), strict=False)
+    mismatched = _not_extra_state([*result.missing_keys, *result.unexpected_keys])
+    if mismatched:
+        raise RuntimeError(f"model state and checkpoint disagree on {mismatched}")
     return loaded
+
+
+def _sharded_keys(sharded_state: dict[str, Any]) -> set[str]:
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    return {item.key for item in nested_values(sharded_state)}

@@ -123,7 +123,8 @@ def apply_plan(model: torch.nn.Module, plan: PrunePlan, ps: ParallelState, *,
 
     _check_source(model, plan, ps)
     dtype = next(model.parameters()).dtype
-    pruned = build_model(plan.target, ps, params_dtype=dtype, init_weights=False)
+    pruned = build_model(plan.target, ps, params_dtype=dtype, init_weights=False,
+                         spec=getattr(model, "layer_spec", "auto"))
 
     hidden = {"hidden": torch.tensor(plan.hidden, dtype=torch.long, device=ps.device)}
     source_params = dict(model.named_parameters())
