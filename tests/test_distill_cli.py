@@ -57,7 +57,6 @@ BAD = {
     "resume-other-shape": ("good", ["--load", "{wide}"], "another shape.*hidden_size"),
     "pairs": ("good", ["--kd-intermediate", "0:9"], "pair 0:9 is out of range"),
     "reverse-top-k": ("good", ["--kd-reverse", "--kd-top-k", "4"], "--kd-reverse with --kd-top-k"),
-    "bf16-on-cpu": ("good", ["--params-dtype", "bf16"], "needs a GPU"),
     "wandb-missing": ("good", ["--wandb-project", "p"],
                       "pip install 'minitron-megatron\\[wandb\\]'"),
 }

@@ -120,7 +120,6 @@ def kd_config(args):
 
 
 def _run(args, *, student_path: str, teacher_path: str | None, kd) -> None:
-    import torch
 
     from minitron_megatron.checkpoint import find_checkpoint
     from minitron_megatron.distill.preflight import check_run
@@ -136,8 +135,7 @@ def _run(args, *, student_path: str, teacher_path: str | None, kd) -> None:
     teacher = find_checkpoint(teacher_path) if teacher_path else None
     parallel = parallel_config(args)
     check_run(student=student, teacher=teacher, kd=kd, train=train, parallel=parallel,
-              world_size=LaunchEnv.from_environ(os.environ).world_size, params_dtype=dtype,
-              on_gpu=torch.cuda.is_available())
+              world_size=LaunchEnv.from_environ(os.environ).world_size, params_dtype=dtype)
     with run_distributed(parallel) as ps:
         try:
             result = Trainer(train=train, kd=kd, data=data, student=student, teacher=teacher,

@@ -62,8 +62,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    import torch
-
     from minitron_megatron.checkpoint import find_checkpoint
     from minitron_megatron.cli.common import data_config, run_distributed
     from minitron_megatron.cli.distill import kd_config, params_dtype, train_config
@@ -92,7 +90,7 @@ def run(args: argparse.Namespace) -> None:
                           train=train, kd=kd_config(args), data=data_config(args),
                           parallel=parallel,
                           world_size=LaunchEnv.from_environ(os.environ).world_size,
-                          params_dtype=dtype, on_gpu=torch.cuda.is_available(), seed=args.seed)
+                          params_dtype=dtype, seed=args.seed)
     with run_distributed(parallel) as ps:
         try:
             run_search(plan, ps, params_dtype=dtype, seed=args.seed)

@@ -79,6 +79,13 @@ def _layout(ps: ParallelState) -> list[int]:
     return [ps.tp_size, ps.pp_size, ps.dp_size]
 
 
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+"""How Megatron's distributed optimizer writes its state: as one tensor per parameter, like the
+plain optimizer, so a run resumes at another TP × PP × DP (Megatron-LM's
+``--dist-ckpt-optim-fully-reshardable``; its default ``dp_reshardable`` reshards only over DP).
+Saving gathers each model-parallel shard's optimizer state on its DP rank 0."""
+
+
 def _sharded_items(student, projection, optimizer, *, loading: bool) -> dict[str, Any]:
     """The optimizer's sharded state refers to the parameters through the model's sharded
     tensors: the student's and the projection's."""
@@ -87,7 +94,8 @@ def _sharded_items(student, projection, optimizer, *, loading: bool) -> dict[str
     if projection is not None:
         items["kd_projection"] = projection.sharded_state_dict(prefix="kd_projection.")
         params["kd_projection"] = items["kd_projection"]
-    items["optimizer"] = optimizer.sharded_state_dict(params, is_loading=loading)
+    items["optimizer"] = optimizer.sharded_state_dict(params, is_loading=loading,
+                                                      metadata=OPTIMIZER_METADATA)
     return items
 
 
@@ -148,7 +156,8 @@ def load_training_checkpoint(
     if projection is not None:
         projection.load_state_dict({k.removeprefix("kd_projection."): v
                                     for k, v in loaded["kd_projection"].items()})
-    optimizer.load_state_dict(loaded["optimizer"])
+    with torch.no_grad():  # in-place copies into the (distributed) optimizer's main weights
+        optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(common["opt_param_scheduler"])
     if same_layout:
         _set_rng_state(loaded["rng_state"])

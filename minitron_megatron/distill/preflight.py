@@ -33,7 +33,7 @@ def tokenizer_fingerprint(info: CheckpointInfo) -> str | None:
 
 def check_run(*, student: CheckpointInfo, teacher: CheckpointInfo | None, kd: KDConfig | None,
               train: TrainConfig, parallel: ParallelConfig, world_size: int,
-              params_dtype: torch.dtype = torch.float32, on_gpu: bool = False) -> None:
+              params_dtype: torch.dtype = torch.float32) -> None:
     """Raise ``ValueError`` (or ``CheckpointError``) for the first problem found."""
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     for role, info in (("student", student), ("teacher", teacher)):
@@ -57,9 +57,6 @@ def check_run(*, student: CheckpointInfo, teacher: CheckpointInfo | None, kd: KD
     resumable_checkpoint(train.load, student.model_config)
     if train.wandb_project:
         require_wandb()
-    if params_dtype != torch.float32 and not on_gpu:
-        raise ValueError("bf16/fp16 training uses Megatron's mixed-precision optimizer, which "
-                         "needs a GPU; use --params-dtype fp32 on CPU.")
     if train.use_distributed_optimizer and params_dtype == torch.float32:
         raise ValueError("the distributed optimizer shards fp32 main weights of bf16/fp16 "
                          "parameters; use --params-dtype bf16, or drop the distributed optimizer.")

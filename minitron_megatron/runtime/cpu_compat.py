@@ -22,6 +22,23 @@ Assumptions removed (numbered as in the team's notes):
    ``Tensor.cuda`` as the identity.
 7. gloo's ``all_gather_into_tensor`` rejects 0-dim inputs: they are viewed as 1-element tensors.
 8. Gradient clipping asserts ``torch.cuda.FloatTensor`` grads: a CPU clip with the same maths.
+9. The mixed-precision and distributed optimizers accept only ``torch.cuda.*Tensor`` parameters
+   (``param.type()`` compared with CUDA type names): while they are constructed, a CPU tensor's
+   ``type()`` reports the CUDA name of its dtype, so bf16 + the distributed optimizer run on CPU.
+10. megatron-core ≥ 0.17's gradient sync waits on ``torch.cuda.current_stream()`` events (and
+    uses ``torch.cuda.stream`` with several optimizer instances): on CPU there is one synchronous
+    stream, ``_CpuStream``, whose waits are no-ops.
+11. The distributed optimizer is written for the fused Adam of TE/apex (present with CUDA), which
+    keeps the step count per parameter group. torch's Adam creates its per-parameter state, a
+    ``step`` included, only at its first step: before a resume loads into a fresh optimizer the
+    state is created with Megatron's own dummy-value initialisation, and after it loads, every
+    parameter gets its own ``step`` tensor holding the checkpoint's count (Megatron's copy-back
+    leaves the dummy's count, in one tensor shared by all parameters, which Adam's in-place
+    increment would then advance once per parameter).
+
+Every name an adapter replaces or wraps is checked before anything is patched
+(``missing_targets``): a megatron-core release that renamed one fails at start-up with
+``MegatronCoreMismatch`` naming the version and the name, never a silent no-op.
 """
 
 from __future__ import annotations
@@ -35,7 +52,13 @@ from typing import Any
 
 import torch
 
+from minitron_megatron.runtime.mcore_compat import SUPPORTED_MCORE, mcore_version
+
 _APPLIED = False
+
+
+class MegatronCoreMismatch(RuntimeError):
+    """This megatron-core lacks a name a CPU adapter patches: the version is not supported."""
 
 # Modules that call torch.cuda.* or allocate with device="cuda" on paths a CPU run takes.
 _CUDA_DEVICE_MODULES = (
@@ -77,12 +100,31 @@ def _cpu_if_cuda(device: Any) -> Any:
     return device
 
 
+class _CpuStream:
+    """The one synchronous CPU "stream": nothing is ever pending, so waits are no-ops (10)."""
+
+    def wait_event(self, event: Any) -> None:
+        """Nothing to wait for."""
+
+    def wait_stream(self, stream: Any) -> None:
+        """Nothing to wait for."""
+
+    def synchronize(self) -> None:
+        """Nothing to wait for."""
+
+
 class _CudaOnCpu:
     """``torch.cuda`` for the patched modules: the current device is the CPU, syncs are no-ops,
-    and RNG calls use the CPU generator (assumptions 1, 2 and 4)."""
+    streams are ``_CpuStream`` and RNG calls use the CPU generator (assumptions 1, 2, 4, 10)."""
 
     def current_device(self) -> torch.device:
         return torch.device("cpu")
+
+    def current_stream(self, *args: Any, **kwargs: Any) -> _CpuStream:
+        return _CpuStream()
+
+    def stream(self, stream: Any) -> contextlib.nullcontext:
+        return contextlib.nullcontext()
 
     def synchronize(self, *args: Any, **kwargs: Any) -> None:
         """CPU collectives (gloo) are synchronous: nothing to wait for."""
@@ -164,7 +206,9 @@ class _ZeroCenteredRMSNorm(torch.nn.RMSNorm):
 class _TorchNormForCpu:
     """Plain torch LayerNorm/RMSNorm (as ``WrappedTorchNorm``), allowed under sequence parallel
     (the parameters are marked ``sequence_parallel`` so Megatron sums their grads over TP) and
-    with zero-centered gamma (which the wrapper refuses; TE and apex provide it on GPU)."""
+    with zero-centered gamma (which the wrapper refuses; TE and apex provide it on GPU), its
+    parameters in the model's ``params_dtype`` as TE creates them (the wrapper leaves them fp32
+    beside bf16 weights)."""
 
     def __new__(cls, config: Any, hidden_size: int, eps: float = 1e-5, **kwargs: Any):
         centered = config.layernorm_zero_centered_gamma
@@ -174,7 +218,7 @@ class _TorchNormForCpu:
         }.get((config.normalization, centered))
         if norm_cls is None:
             raise ValueError(f"unsupported normalization {config.normalization!r} on CPU")
-        norm = norm_cls(normalized_shape=hidden_size, eps=eps)
+        norm = norm_cls(normalized_shape=hidden_size, eps=eps, dtype=config.params_dtype)
         for param in norm.parameters():
             param.sequence_parallel = config.sequence_parallel
         return norm
@@ -228,20 +272,120 @@ def _setup_embeddings_on_cpu(original: Callable[..., Any]) -> Callable[..., Any]
     return setup_embeddings_and_output_layer
 
 
+@contextlib.contextmanager
+def tensor_type_reports_cuda():
+    """Within the block a CPU tensor's ``type()`` names the CUDA type of its dtype
+    (``torch.cuda.BFloat16Tensor``) — what Megatron's mixed-precision optimizers check (9)."""
+    original = torch.Tensor.type
+
+    def cuda_type(self, *args: Any, **kwargs: Any):
+        name = original(self, *args, **kwargs)
+        if args or kwargs or name.startswith("torch.cuda."):
+            return name
+        return name.replace("torch.", "torch.cuda.", 1)
+
+    torch.Tensor.type = cuda_type
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _construct_with_cuda_type_names(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        with tensor_type_reports_cuda():
+            original(self, *args, **kwargs)
+
+    return __init__
+
+
+def _state_before_loading(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, **kwargs):
+        if is_loading and not self.optimizer.state:  # torch's Adam before its first step (11)
+            self._init_optimizer_states_with_dummy_values()
+        return original(self, model_sharded_state_dict, is_loading, **kwargs)
+
+    return sharded_state_dict
+
+
+def _step_after_loading(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        original(self, state_dict)
+        steps = {g.get("step") for g in state_dict.get("optimizer", {}).get("param_groups", [])}
+        if len(steps) == 1 and None not in steps:  # the checkpoint's step count (11),
+            step = float(steps.pop())
+            for state in self.optimizer.state.values():  # one tensor per parameter: Adam
+                if "step" in state:  # increments them in place, a shared one N times
+                    state["step"] = torch.tensor(step, dtype=state["step"].dtype)
+
+    return load_state_dict
+
+
+# (module, attribute) replaced or wrapped by each adapter, checked before any is installed.
+PATCHED_NAMES: tuple[tuple[str, str], ...] = (
+    *((name, "torch") for name in _CUDA_DEVICE_MODULES),  # 1, 4, 6, 10
+    ("megatron.core.tensor_parallel.random", "_get_cuda_rng_state"),  # 2
+    ("megatron.core.tensor_parallel.random", "_set_cuda_rng_state"),
+    ("megatron.core.transformer.torch_norm", "WrappedTorchNorm"),  # 3
+    ("megatron.core.models.common.language_module.language_module", "LanguageModule"),  # 5
+    ("torch.distributed", "all_gather_into_tensor"),  # 7
+    ("megatron.core.tensor_parallel.layers", "dist_all_gather_func"),
+    ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"),  # 8
+    ("megatron.core.optimizer.optimizer", "clip_grad_by_total_norm_fp32"),
+    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params"),  # 9
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer"),
+    *(("megatron.core.optimizer.distrib_optimizer", f"DistributedOptimizer.{name}")  # 11
+      for name in ("_init_optimizer_states_with_dummy_values", "sharded_state_dict",
+                   "load_state_dict")),
+)
+
+
+def missing_targets() -> list[str]:
+    """The ``module.attribute`` names the adapters patch that this megatron-core lacks."""
+    missing = []
+    for module_name, attribute in PATCHED_NAMES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            missing.append(module_name)
+            continue
+        try:
+            functools.reduce(getattr, attribute.split("."), module)
+        except AttributeError:
+            missing.append(f"{module_name}.{attribute}")
+    return missing
+
+
+def check_targets() -> None:
+    """Raise ``MegatronCoreMismatch`` unless every name the adapters patch exists."""
+    missing = missing_targets()
+    if missing:
+        raise MegatronCoreMismatch(
+            f"megatron-core {mcore_version()} lacks {', '.join(missing)}, which the CPU "
+            f"adapters of minitron_megatron patch; this release is not supported on CPU. "
+            f"Install a supported one: pip install 'megatron-core{SUPPORTED_MCORE}'.")
+
+
 def is_applied() -> bool:
     return _APPLIED
 
 
 def apply() -> bool:
-    """Install the CPU adapters once, only when CUDA is absent. Returns whether they are active."""
+    """Install the CPU adapters once, only when CUDA is absent. Returns whether they are active.
+
+    Raises ``MegatronCoreMismatch`` (before patching anything) if a patched name is missing."""
     global _APPLIED
     if torch.cuda.is_available():
         return False
     if _APPLIED:
         return True
+    check_targets()
 
     torch_on_cpu = _TorchOnCpu()
-    for name in _CUDA_DEVICE_MODULES:  # assumptions 1, 4, 6
+    for name in _CUDA_DEVICE_MODULES:  # assumptions 1, 4, 6, 10
         importlib.import_module(name).torch = torch_on_cpu
 
     from megatron.core.tensor_parallel import random as mcore_random  # assumption 2
@@ -269,10 +413,16 @@ def apply() -> bool:
         if hasattr(module, "dist_all_gather_func"):
             module.dist_all_gather_func = gather
 
-    from megatron.core.optimizer import clip_grads, optimizer  # assumption 8
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer  # 8, 9
 
     clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
     optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+    for cls in (optimizer.Float16OptimizerWithFloat16Params,
+                distrib_optimizer.DistributedOptimizer):
+        cls.__init__ = _construct_with_cuda_type_names(cls.__init__)
+    dist_opt = distrib_optimizer.DistributedOptimizer  # 11
+    dist_opt.sharded_state_dict = _state_before_loading(dist_opt.sharded_state_dict)
+    dist_opt.load_state_dict = _step_after_loading(dist_opt.load_state_dict)
 
     _APPLIED = True
     return True

@@ -150,7 +150,7 @@ def _previous(search: SearchConfig, settings: dict[str, Any], candidates: list[C
 def prepare_search(*, teacher: CheckpointInfo, scores: Scores, space: SearchSpace,
                    search: SearchConfig, train: TrainConfig, kd: KDConfig, data: DataConfig,
                    parallel: ParallelConfig, world_size: int,
-                   params_dtype: torch.dtype = torch.float32, on_gpu: bool = False,
+                   params_dtype: torch.dtype = torch.float32,
                    seed: int = 1234) -> SearchPlan:
     """Check everything and plan every candidate; raises one actionable ``ValueError``.
 
@@ -183,8 +183,7 @@ def prepare_search(*, teacher: CheckpointInfo, scores: Scores, space: SearchSpac
     # one bounds the KD layer pairs
     check_run(student=dataclasses.replace(teacher, model_config=shallowest.config),
               teacher=teacher, kd=kd, train=dataclasses.replace(train, load=None),
-              parallel=parallel, world_size=world_size, params_dtype=params_dtype,
-              on_gpu=on_gpu)
+              parallel=parallel, world_size=world_size, params_dtype=params_dtype)
     settings = search_settings(teacher=teacher, scores=scores, space=space, search=search,
                                train=train, kd=kd, data=data, params_dtype=params_dtype,
                                seed=seed)
