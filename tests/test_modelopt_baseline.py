@@ -19,7 +19,7 @@ from minitron_megatron.model.forward import full_logits
 from minitron_megatron.runtime.distributed import LaunchEnv, distributed
 from tests.factories import sample_tokens
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.modelopt]
 
 GPT2_STYLE = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
                          vocab_size=384, normalization="LayerNorm", activation="gelu",
