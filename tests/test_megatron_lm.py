@@ -1,4 +1,4 @@
-"""import-megatron: a Megatron-LM torch_dist checkpoint (args in common.pt) adopted as is."""
+"""import-megatron: a Megatron-LM torch_dist checkpoint (args in its common state), adopted."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Megatron-LM writes the same sharded keys as our ``GPTModel`` (``{"model": sharded_state_dict}``), so
 no tensor is converted: the new checkpoint's ``iter_NNNNNNN`` holds symbolic links to the source's
-files plus ``model_config.yaml`` (read from the ``args`` Megatron-LM stores in ``common.pt``, or
+files plus ``model_config.yaml`` (read from the ``args`` Megatron-LM stores in its common state, or
 given explicitly) and the tokenizer. The source directory is never modified.
 
 Example::
@@ -18,8 +18,6 @@ import tempfile
 from argparse import Namespace
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from minitron_megatron.checkpoint import (
     MODEL_CONFIG_FILE,
@@ -82,19 +80,22 @@ def config_from_megatron_args(args: Namespace | dict[str, Any]) -> ModelConfig:
 
 
 def _saved_args(iter_dir: Path) -> Namespace:
+    """The ``args`` Megatron-LM keeps in a checkpoint's common state (``common.pt`` up to
+    megatron-core 0.16, an object inside the torch_dist files from 0.17: the API reads both),
+    unpickled with only Megatron's registered safe types."""
+    from megatron.core import dist_checkpointing
     from megatron.core.safe_globals import register_safe_globals
 
-    common = iter_dir / "common.pt"
-    if not common.is_file():
-        raise CheckpointError(f"{iter_dir} has no common.pt: not a torch_dist checkpoint.")
+    if not dist_checkpointing.check_is_distributed_checkpoint(str(iter_dir)):
+        raise CheckpointError(f"{iter_dir} is not a torch_dist checkpoint (no metadata.json).")
     register_safe_globals()
     try:
-        state = torch.load(common, map_location="cpu", weights_only=True)
+        state = dist_checkpointing.load_common_state_dict(str(iter_dir))
     except (pickle.UnpicklingError, RuntimeError) as err:
-        raise CheckpointError(f"cannot read the training args from {common} safely ({err}); "
+        raise CheckpointError(f"cannot read the training args from {iter_dir} safely ({err}); "
                               f"pass --model-config with a ModelConfig YAML.") from None
     if "args" not in state:
-        raise CheckpointError(f"{common} holds no training args; pass --model-config.")
+        raise CheckpointError(f"{iter_dir} holds no training args; pass --model-config.")
     return state["args"]
 
 
