@@ -29,15 +29,12 @@ import torch
 import torch.distributed as dist
 
 from minitron_megatron.config import ModelConfig
+from minitron_megatron.errors import CheckpointError
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 MODEL_CONFIG_FILE = "model_config.yaml"
 TOKENIZER_DIR = "tokenizer"
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint path that cannot be used, with what to do about it."""
 
 
 def iteration_dir(root: str | Path, iteration: int) -> Path:

@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 import yaml
 
+from minitron_megatron.errors import UserError
+
 Normalization = Literal["RMSNorm", "LayerNorm"]
 Activation = Literal["silu", "gelu", "relu", "squared_relu"]
 PositionEmbedding = Literal["rope", "learned_absolute"]
@@ -34,7 +36,7 @@ _POSITION_EMBEDDINGS = ("rope", "learned_absolute")
 
 def _positive(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}.")
+        raise UserError(f"ModelConfig.{name} must be a positive integer, got {value!r}.")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -120,14 +122,14 @@ class ModelConfig:
             object.__setattr__(self, "num_query_groups", self.num_attention_heads)
         _positive("num_query_groups", self.num_query_groups)
         if self.num_attention_heads % self.num_query_groups:
-            raise ValueError(
+            raise UserError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_query_groups={self.num_query_groups}: each query group must hold the same "
                 f"number of heads; choose heads as a multiple of the groups."
             )
         if self.kv_channels is None:
             if self.hidden_size % self.num_attention_heads:
-                raise ValueError(
+                raise UserError(
                     f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
                     f"{self.num_attention_heads}; set kv_channels (the head width) explicitly."
                 )
@@ -140,7 +142,7 @@ class ModelConfig:
             )
         _positive("padded_vocab_size", self.padded_vocab_size)
         if self.padded_vocab_size < self.vocab_size:
-            raise ValueError(
+            raise UserError(
                 f"padded_vocab_size={self.padded_vocab_size} is smaller than vocab_size="
                 f"{self.vocab_size}; it must be at least the tokenizer's vocabulary."
             )
@@ -150,9 +152,9 @@ class ModelConfig:
             ("position_embedding_type", self.position_embedding_type, _POSITION_EMBEDDINGS),
         ):
             if value not in allowed:
-                raise ValueError(f"ModelConfig.{name}={value!r} is not one of {allowed}.")
+                raise UserError(f"ModelConfig.{name}={value!r} is not one of {allowed}.")
         if not 0.0 < self.rotary_percent <= 1.0:
-            raise ValueError(f"rotary_percent must be in (0, 1], got {self.rotary_percent}.")
+            raise UserError(f"rotary_percent must be in (0, 1], got {self.rotary_percent}.")
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -207,13 +209,13 @@ class ModelConfig:
             if getattr(self, name) % tp:
                 problems.append(f"{name}={getattr(self, name)}")
         if problems:
-            raise ValueError(
+            raise UserError(
                 f"tensor-model-parallel-size {tp} does not divide {', '.join(problems)}; "
                 f"choose a TP that divides all of them "
                 f"(divisors of the query groups: {_divisors(self.num_query_groups)})."
             )
         if pipeline_parallel > self.num_layers:
-            raise ValueError(
+            raise UserError(
                 f"pipeline-model-parallel-size {pipeline_parallel} exceeds num_layers="
                 f"{self.num_layers}; use at most one stage per layer."
             )
@@ -227,7 +229,7 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown ModelConfig fields {unknown}; known fields: {sorted(known)}")
+            raise UserError(f"unknown ModelConfig fields {unknown}; known fields: {sorted(known)}")
         return cls(**data)
 
     def to_yaml(self) -> str:
@@ -243,7 +245,6 @@ class ModelConfig:
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
         return cls.from_yaml(Path(path).read_text())
-
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
@@ -273,7 +274,7 @@ class ParallelConfig:
                      "timeout_minutes"):
             _positive(name, getattr(self, name))
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
-            raise ValueError("sequence parallel needs tensor-model-parallel-size > 1.")
+            raise UserError("sequence parallel needs tensor-model-parallel-size > 1.")
 
     @property
     def model_parallel_size(self) -> int:
@@ -282,7 +283,7 @@ class ParallelConfig:
     def data_parallel_size(self, world_size: int) -> int:
         """DP size for a world, with an actionable error if TP×PP does not divide it."""
         if world_size % self.model_parallel_size:
-            raise ValueError(
+            raise UserError(
                 f"world size {world_size} is not divisible by tensor-model-parallel-size "
                 f"{self.tensor_model_parallel_size} × pipeline-model-parallel-size "
                 f"{self.pipeline_model_parallel_size} = {self.model_parallel_size}; launch a "

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minitron_megatron.data import assets
+from minitron_megatron.errors import UserError
 
 # About half of SmolLM2-135M (134.5M → 68.5M, 50.9 %), every size divisible by TP=3.
 PRUNE_TARGET = {"hidden_size": 448, "ffn_hidden_size": 768, "num_attention_heads": 6}
@@ -69,15 +70,15 @@ class DemoConfig:
                                 ("distill_iters", 4)):
                 object.__setattr__(self, name, value)
         if 3 % self.nproc:
-            raise ValueError(f"--nproc {self.nproc} must divide SmolLM2's 3 query groups "
+            raise UserError(f"--nproc {self.nproc} must divide SmolLM2's 3 query groups "
                              f"(use 1 or 3).")
         if self.distill_nproc <= 0 or self.global_batch_size % (2 * self.distill_nproc):
-            raise ValueError(f"the global batch {self.global_batch_size} must be a multiple of "
+            raise UserError(f"the global batch {self.global_batch_size} must be a multiple of "
                              f"2 × the {self.distill_nproc} distillation ranks.")
         for name in ("seq_length", "eval_samples", "calib_samples", "distill_iters",
                      "global_batch_size"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"demo {name} must be positive.")
+                raise UserError(f"demo {name} must be positive.")
 
 
 @dataclass

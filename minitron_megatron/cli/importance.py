@@ -15,6 +15,7 @@ from minitron_megatron.cli.common import (
     parallel_config,
     run_distributed,
 )
+from minitron_megatron.errors import UserError
 
 log = logging.getLogger("minitron")
 
@@ -49,9 +50,9 @@ def run(args: argparse.Namespace) -> None:
     config.check_model(info.model_config.num_layers)
     out = Path(args.save_scores)
     if out.is_dir() or not out.parent.is_dir():
-        raise ValueError(f"--save-scores {out} must be a file in an existing directory.")
+        raise UserError(f"--save-scores {out} must be a file in an existing directory.")
     if args.calib_samples <= 0:
-        raise ValueError(f"--calib-samples must be positive, got {args.calib_samples}.")
+        raise UserError(f"--calib-samples must be positive, got {args.calib_samples}.")
     data = data_config(args)
     parallel = parallel_config(args)
     info.model_config.check_parallel(tensor_parallel=parallel.tensor_model_parallel_size,

@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> None:
     from minitron_megatron.cli.common import data_config, run_distributed
     from minitron_megatron.cli.distill import kd_config, params_dtype, train_config
     from minitron_megatron.distill.training import TrainingDiverged
+    from minitron_megatron.errors import MissingInputError
     from minitron_megatron.importance import Scores
     from minitron_megatron.runtime.distributed import LaunchEnv
     from minitron_megatron.search import SearchConfig, SearchSpace, prepare_search, run_search
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> None:
                                 tensor_parallel=parallel.tensor_model_parallel_size)
     if args.search_space:
         if not Path(args.search_space).is_file():
-            raise FileNotFoundError(f"--search-space {args.search_space} does not exist; pass a "
+            raise MissingInputError(f"--search-space {args.search_space} does not exist; pass a "
                                     f"YAML file of choices per axis.")
         space = SearchSpace.from_yaml(args.search_space, space)
     dtype = params_dtype(args)

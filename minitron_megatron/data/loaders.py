@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from minitron_megatron.errors import MissingInputError, UserError
+
 SPLITS = ("train", "valid", "test")
 
 
@@ -38,12 +40,12 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.seq_length <= 0:
-            raise ValueError(f"seq-length must be positive, got {self.seq_length}.")
+            raise UserError(f"seq-length must be positive, got {self.seq_length}.")
         prefix = Path(self.data_path)
         missing = [str(prefix) + ext for ext in (".bin", ".idx")
                    if not Path(str(prefix) + ext).is_file()]
         if missing:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"dataset {self.data_path} not found ({', '.join(missing)} missing); create it "
                 f"with `minitron preprocess --input FILE --tokenizer T --output-prefix "
                 f"{self.data_path}`."
@@ -93,7 +95,7 @@ def build_datasets(cfg: DataConfig, *, eod_id: int, vocab_size: int,
             continue
         available = distinct_samples(dataset, cfg.seq_length)
         if num_samples[name] > available:
-            raise ValueError(
+            raise UserError(
                 f"the {name} split of {cfg.data_path} holds {available} distinct samples of "
                 f"{cfg.seq_length} tokens, fewer than the {num_samples[name]} requested; lower "
                 f"the sample count or seq-length, change --split, or preprocess more text."
@@ -112,7 +114,7 @@ def _check_split_sizes(cfg: DataConfig, sizes: list[int]) -> None:
     for name, share, size in zip(SPLITS, shares, sizes):
         end = begin + share
         if size and round(end * n_docs) <= round(begin * n_docs):
-            raise ValueError(f"the {name} split of {cfg.data_path} is empty ({n_docs} documents, "
+            raise UserError(f"the {name} split of {cfg.data_path} is empty ({n_docs} documents, "
                              f"--split {cfg.split}); give it a larger share or more documents.")
         begin = end
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from minitron_megatron.data.tokenizer import Tokenizer
+from minitron_megatron.errors import MissingInputError, UserError
 
 DEFAULT_JSON_KEYS = ("text", "extract", "content")
 
@@ -36,7 +37,7 @@ def _text_of(item: object, keys: Sequence[str], where: str) -> str | None:
             if isinstance(item.get(key), str):
                 return item[key]
         return None
-    raise ValueError(f"{where}: expected a string or an object, got {type(item).__name__}")
+    raise UserError(f"{where}: expected a string or an object, got {type(item).__name__}")
 
 
 def read_documents(path: str | Path, json_keys: Sequence[str] = DEFAULT_JSON_KEYS
@@ -56,7 +57,7 @@ def read_documents(path: str | Path, json_keys: Sequence[str] = DEFAULT_JSON_KEY
         text = path.read_text(encoding="utf-8")
         yield from (doc.strip() for doc in text.split("\n\n") if doc.strip())
     else:
-        raise ValueError(f"{path}: unsupported input type {suffix!r}; use .jsonl, .json or .txt.")
+        raise UserError(f"{path}: unsupported input type {suffix!r}; use .jsonl, .json or .txt.")
 
 
 def _non_empty(items: Iterable[object], keys: Sequence[str], path: Path) -> Iterator[str]:
@@ -80,11 +81,11 @@ def preprocess(
 
     input_path = Path(input_path)
     if not input_path.is_file():
-        raise FileNotFoundError(f"input {input_path} does not exist or is not a file.")
+        raise MissingInputError(f"input {input_path} does not exist or is not a file.")
     documents = read_documents(input_path, json_keys)
     first = next(documents, None)
     if first is None:
-        raise ValueError(f"input {input_path} holds no documents (keys tried: {list(json_keys)});"
+        raise UserError(f"input {input_path} holds no documents (keys tried: {list(json_keys)});"
                          f" check the file or pass --json-keys.")
     prefix = str(output_prefix)
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,7 @@ from minitron_megatron.distill.config import KDConfig, TrainConfig
 from minitron_megatron.distill.model import DistillationModel
 from minitron_megatron.distill.progress import Progress
 from minitron_megatron.distill.schedule import forward_backward, train_sample_ids
+from minitron_megatron.errors import UserError
 from minitron_megatron.evaluate import eod_id_of
 from minitron_megatron.model.build import build_model
 from minitron_megatron.runtime.distributed import ParallelState
@@ -147,12 +148,12 @@ class Trainer:
         try:
             return build_datasets(self.data, eod_id=eod_id_of(info),
                                   vocab_size=info.model_config.vocab_size, num_samples=needed)
-        except ValueError as err:
+        except UserError as err:
             want = f"--train-iters × --global-batch-size = {needed['train']} training samples"
             if "valid" in needed:
                 want += (f" and --eval-iters × --global-batch-size = {needed['valid']} "
                          f"validation samples")
-            raise ValueError(f"{err} (this run needs {want} of --seq-length "
+            raise UserError(f"{err} (this run needs {want} of --seq-length "
                              f"{self.data.seq_length} tokens)") from None
 
     # ------------------------------------------------------------------ steps

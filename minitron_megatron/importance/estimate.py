@@ -20,6 +20,7 @@ import torch
 
 from minitron_megatron.config import ModelConfig
 from minitron_megatron.data.loaders import micro_batches, shard_for_data_parallel
+from minitron_megatron.errors import UserError
 from minitron_megatron.importance.config import ImportanceConfig, parse_depth_metric
 from minitron_megatron.importance.depth import masked_loss_sum, reduce_loss, skip_loss_increase
 from minitron_megatron.importance.hooks import ActivationRecorder
@@ -85,7 +86,7 @@ def estimate_importance(
     config = config or ImportanceConfig()
     config.check_model(model_config.num_layers)
     if num_samples < ps.dp_size:
-        raise ValueError(f"{num_samples} calibration samples cannot be split over "
+        raise UserError(f"{num_samples} calibration samples cannot be split over "
                          f"{ps.dp_size} data-parallel ranks; use at least {ps.dp_size}.")
     ids = shard_for_data_parallel(num_samples, ps.dp_rank, ps.dp_size)
     batches = list(micro_batches(dataset, ids, micro_batch_size))

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from minitron_megatron.config import ModelConfig
+from minitron_megatron.errors import UserError
 from minitron_megatron.runtime.distributed import ParallelState
 
 LayerSpec = Literal["auto", "local", "te"]
@@ -115,7 +116,7 @@ def layer_spec(cfg: ModelConfig, *, spec: LayerSpec = "auto"):
     use_te = te_available() if spec == "auto" else spec == "te"
     if use_te:
         if not te_available():
-            raise ValueError("the TransformerEngine spec needs CUDA and transformer_engine.")
+            raise UserError("the TransformerEngine spec needs CUDA and transformer_engine.")
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
     return gpt_layer_specs.get_gpt_layer_local_spec(normalization=cfg.normalization)
 

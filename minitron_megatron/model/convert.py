@@ -21,6 +21,7 @@ import torch
 from minitron_megatron.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from minitron_megatron.config import ModelConfig
 from minitron_megatron.data.tokenizer import Tokenizer
+from minitron_megatron.errors import MissingInputError, UserError
 from minitron_megatron.model.build import build_model
 from minitron_megatron.model.gguf import GGUFSource
 from minitron_megatron.model.hf import hf_config_for, read_hf_directory, write_hf_directory
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 def _require_single_process(ps: ParallelState, command: str) -> None:
     if ps.world_size != 1:
-        raise ValueError(f"{command} runs on one process (its checkpoint loads at any layout "
+        raise UserError(f"{command} runs on one process (its checkpoint loads at any layout "
                          f"afterwards); launch it with python, not torchrun.")
 
 
@@ -40,11 +41,11 @@ def open_source(path: str | Path):
     """``(ModelConfig, tensor reader, GGUFSource | None)`` for an HF directory or a .gguf file."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; pass a Hugging Face model directory "
+        raise MissingInputError(f"{path} does not exist; pass a Hugging Face model directory "
                                 f"(config.json + *.safetensors) or a .gguf file.")
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ValueError(f"{path} is a file but not a .gguf; pass a .gguf file or a Hugging "
+            raise UserError(f"{path} is a file but not a .gguf; pass a .gguf file or a Hugging "
                              f"Face model directory.")
         source = GGUFSource(path)
         return source.model_config(), source, source
@@ -62,7 +63,7 @@ def _tokenizer_for(path: Path, gguf: GGUFSource | None, override: str | None,
                          add_bos=bos is not None)
     try:
         return Tokenizer.load(path)
-    except (FileNotFoundError, ValueError):
+    except UserError:
         log.warning("no tokenizer found in %s; the checkpoint will carry none (pass --tokenizer "
                     "to preprocess data for it).", path)
         return None
@@ -82,7 +83,7 @@ def import_model(
     with tempfile.TemporaryDirectory() as staging:
         tok = _tokenizer_for(Path(source_path), gguf, tokenizer, Path(staging) / "raw")
         if tok is not None and tok.vocab_size > cfg.vocab_size:
-            raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model only "
+            raise UserError(f"tokenizer has {tok.vocab_size} tokens but the model only "
                              f"{cfg.vocab_size}; pass the model's own tokenizer.")
         model = build_model(cfg, ps, params_dtype=params_dtype, init_weights=False, spec="local")
         params = model.state_dict(keep_vars=True)
@@ -90,14 +91,14 @@ def import_model(
         with torch.no_grad():
             for name, tensor in hf_to_megatron(cfg, read):
                 if params[name].shape != tensor.shape:
-                    raise ValueError(f"{name}: source shape {tuple(tensor.shape)} does not match "
+                    raise UserError(f"{name}: source shape {tuple(tensor.shape)} does not match "
                                      f"the config's {tuple(params[name].shape)}; the model's "
                                      f"config.json and weights disagree.")
                 params[name].copy_(tensor)
                 filled.add(name)
         missing = [n for n in params if n not in filled and not n.endswith("_extra_state")]
         if missing:
-            raise ValueError(f"no source tensor for {missing[:5]}")
+            raise UserError(f"no source tensor for {missing[:5]}")
         tok_dir = tok.save(Path(staging) / "tokenizer") if tok is not None else None
         save_checkpoint(save, model=model, model_config=cfg, iteration=0, tokenizer_dir=tok_dir,
                         files={"source.txt": f"imported from {Path(source_path).resolve()}\n"})

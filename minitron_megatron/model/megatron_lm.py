@@ -31,6 +31,7 @@ from minitron_megatron.checkpoint import (
 )
 from minitron_megatron.config import ModelConfig
 from minitron_megatron.data.tokenizer import Tokenizer
+from minitron_megatron.errors import UserError
 
 
 def config_from_megatron_args(args: Namespace | dict[str, Any]) -> ModelConfig:
@@ -122,7 +123,7 @@ def adopt_megatron_checkpoint(
     cfg = model_config or config_from_megatron_args(_saved_args(source))
     tok = Tokenizer.load(tokenizer) if tokenizer is not None else None
     if tok is not None and tok.vocab_size > cfg.padded_vocab_size:
-        raise ValueError(f"tokenizer has {tok.vocab_size} tokens, more than the model's "
+        raise UserError(f"tokenizer has {tok.vocab_size} tokens, more than the model's "
                          f"{cfg.padded_vocab_size}; pass the tokenizer the model was trained with.")
     save.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=save, prefix=".adopt-") as tmp:

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from minitron_megatron.config import ModelConfig
+from minitron_megatron.errors import UserError
 from minitron_megatron.pruning.layout import (
     recv_tensors,
     send_tensors,
@@ -162,7 +163,7 @@ def check_same_model(scored: ModelConfig, info) -> None:
     if scored != info.model_config:
         diff = {k: (v, getattr(scored, k)) for k, v in info.model_config.to_dict().items()
                 if getattr(scored, k) != v}
-        raise ValueError(f"the scores were computed on another model (checkpoint vs scores: "
+        raise UserError(f"the scores were computed on another model (checkpoint vs scores: "
                          f"{diff}); run `minitron importance --load {info.root}` first.")
 
 
@@ -174,9 +175,9 @@ def check_prune_inputs(info, plan: PrunePlan, save: str | Path, *, tensor_parall
                  pipeline_parallel=pipeline_parallel)
     save = Path(save)
     if save.exists() and not save.is_dir():
-        raise ValueError(f"--save {save} is a file; pass a directory for the pruned checkpoint.")
+        raise UserError(f"--save {save} is a file; pass a directory for the pruned checkpoint.")
     if save.resolve() in (Path(info.root).resolve(), Path(info.path).resolve()):
-        raise ValueError(f"--save {save} is the checkpoint being pruned; write the pruned model "
+        raise UserError(f"--save {save} is the checkpoint being pruned; write the pruned model "
                          f"to a new directory.")
 
 

@@ -23,6 +23,7 @@ from minitron_megatron.config import ParallelConfig
 from minitron_megatron.data.loaders import DataConfig
 from minitron_megatron.distill.config import KDConfig, TrainConfig
 from minitron_megatron.distill.preflight import check_run
+from minitron_megatron.errors import UserError
 from minitron_megatron.importance import Scores
 from minitron_megatron.pruning import PrunePlan, PruneTargets, make_plan
 from minitron_megatron.pruning.apply import check_same_model
@@ -95,11 +96,11 @@ def _plan(scores: Scores, candidate: Candidate, depth_method: str) -> PrunePlan:
     shape = candidate.shape()
     try:
         return make_plan(scores, PruneTargets(**shape, depth_method=depth_method))
-    except ValueError as err:
+    except UserError as err:
         layers = scores.model_config.num_layers
         hint = (f", or restrict the search space's num_layers to [{layers}]"
                 if shape["num_layers"] < layers else "")
-        raise ValueError(f"candidate {candidate.name} drops {layers - shape['num_layers']} of "
+        raise UserError(f"candidate {candidate.name} drops {layers - shape['num_layers']} of "
                          f"{layers} layers by --depth-method {depth_method}, but "
                          f"{str(err).rstrip('.')}{hint}.") from None
 
@@ -123,23 +124,23 @@ def _previous(search: SearchConfig, settings: dict[str, Any], candidates: list[C
               tensor_parallel: int, pipeline_parallel: int) -> SearchResults | None:
     directory = search.save
     if directory.exists() and not directory.is_dir():
-        raise ValueError(f"--save {directory} is a file; pass a directory for the search.")
+        raise UserError(f"--save {directory} is a file; pass a directory for the search.")
     previous = SearchResults.load(directory)
     if previous is None:
         if directory.is_dir() and any(directory.iterdir()):
-            raise ValueError(f"--save {directory} is not empty and holds no {RESULTS_JSON}; "
+            raise UserError(f"--save {directory} is not empty and holds no {RESULTS_JSON}; "
                              f"choose a new or empty directory for the search.")
         return None
     # --top-k may change on resume (the recorded losses stay valid): raising it distills more
     diff = _differences(_without_top_k(settings), _without_top_k(previous.settings))
     if diff:
-        raise ValueError(f"--save {directory} holds a search with other settings (recorded → "
+        raise UserError(f"--save {directory} holds a search with other settings (recorded → "
                          f"now: {'; '.join(diff)}); resume with the same flags and scores, or "
                          f"choose a new --save directory.")
     previous.settings["search"]["top_k"] = settings["search"]["top_k"]
     recorded = [r.name for r in previous.candidates]
     if recorded != [c.name for c in candidates]:
-        raise ValueError(f"--save {directory} holds a search over other candidates "
+        raise UserError(f"--save {directory} holds a search over other candidates "
                          f"({', '.join(recorded)}) than this layout allows ("
                          f"{', '.join(c.name for c in candidates)} at TP={tensor_parallel}, "
                          f"PP={pipeline_parallel}); resume at the layout the search started "
@@ -170,8 +171,8 @@ def prepare_search(*, teacher: CheckpointInfo, scores: Scores, space: SearchSpac
     check_same_model(scores.model_config, teacher)
     try:
         teacher.model_config.check_parallel(tensor_parallel=tp, pipeline_parallel=pp)
-    except ValueError as err:
-        raise ValueError(f"the teacher ({teacher.root}) cannot be laid out at TP={tp}, PP={pp}: "
+    except UserError as err:
+        raise UserError(f"the teacher ({teacher.root}) cannot be laid out at TP={tp}, PP={pp}: "
                          f"{err}") from None
     candidates = enumerate_candidates(teacher.model_config, space,
                                       target_params=search.target_params,
