@@ -244,7 +244,33 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
-        return cls.from_yaml(Path(path).read_text())
+        """Read a YAML config; anything that is not a valid one is a one-line ``UserError``
+        naming the file (a checkpoint's config is checksummed: restore it, don't edit it)."""
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise UserError(f"{path} is not valid YAML ({_yaml_problem(err)}); restore the "
+                            f"file (a checkpoint's copy is written at save) or fix it.") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path} holds a {type(data).__name__}, not a mapping of ModelConfig "
+                            f"fields; restore the file or fix it.")
+        try:
+            return cls.from_dict(data)
+        except TypeError as err:  # a required field missing
+            raise UserError(f"{path} is not a complete ModelConfig ({err}); restore the file "
+                            f"or add the field.") from None
+        except UserError as err:
+            raise UserError(f"{path}: {err}") from None
+
+
+def _yaml_problem(err: Exception) -> str:
+    """One line for a YAML error (PyYAML's own message spans several, with a caret)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or type(err).__name__
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
+
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]

@@ -29,9 +29,10 @@ from minitron_megatron.checkpoint import (
     iteration_dir,
     latest_iteration,
 )
+from minitron_megatron.checkpoint_manifest import MANIFEST_FILE, untrusted_reason
 from minitron_megatron.config import ModelConfig
 from minitron_megatron.data.tokenizer import Tokenizer
-from minitron_megatron.errors import UserError
+from minitron_megatron.errors import CorruptCheckpointError, UserError
 
 
 def config_from_megatron_args(args: Namespace | dict[str, Any]) -> ModelConfig:
@@ -91,8 +92,13 @@ def _saved_args(iter_dir: Path) -> Namespace:
     register_safe_globals()
     try:
         state = torch.load(common, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError) as err:
-        raise CheckpointError(f"cannot read the training args from {common} safely ({err}); "
+    except pickle.UnpicklingError as err:  # its message would advise weights_only=False
+        raise CorruptCheckpointError(
+            f"{common} is not a trusted checkpoint: a safe load refused it "
+            f"({untrusted_reason(err)}); do not load it, re-create it from a source you "
+            f"trust.") from None
+    except RuntimeError as err:
+        raise CheckpointError(f"cannot read the training args from {common} ({err}); "
                               f"pass --model-config with a ModelConfig YAML.") from None
     if "args" not in state:
         raise CheckpointError(f"{common} holds no training args; pass --model-config.")
@@ -130,6 +136,9 @@ def adopt_megatron_checkpoint(
         staged = Path(tmp) / source.name
         staged.mkdir()
         for item in source.iterdir():
+            ours = (MANIFEST_FILE, MODEL_CONFIG_FILE) + ((TOKENIZER_DIR,) if tok else ())
+            if item.name in ours:  # written here, never through a link into the source
+                continue
             os.symlink(item.resolve(), staged / item.name)
         cfg.save(staged / MODEL_CONFIG_FILE)
         if tok is not None:
