@@ -71,10 +71,10 @@ class DemoConfig:
                 object.__setattr__(self, name, value)
         if 3 % self.nproc:
             raise UserError(f"--nproc {self.nproc} must divide SmolLM2's 3 query groups "
-                             f"(use 1 or 3).")
+                            f"(use 1 or 3).")
         if self.distill_nproc <= 0 or self.global_batch_size % (2 * self.distill_nproc):
             raise UserError(f"the global batch {self.global_batch_size} must be a multiple of "
-                             f"2 × the {self.distill_nproc} distillation ranks.")
+                            f"2 × the {self.distill_nproc} distillation ranks.")
         for name in ("seq_length", "eval_samples", "calib_samples", "distill_iters",
                      "global_batch_size"):
             if getattr(self, name) <= 0:

@@ -115,7 +115,7 @@ def _check_split_sizes(cfg: DataConfig, sizes: list[int]) -> None:
         end = begin + share
         if size and round(end * n_docs) <= round(begin * n_docs):
             raise UserError(f"the {name} split of {cfg.data_path} is empty ({n_docs} documents, "
-                             f"--split {cfg.split}); give it a larger share or more documents.")
+                            f"--split {cfg.split}); give it a larger share or more documents.")
         begin = end
 
 

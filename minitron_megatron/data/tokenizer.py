@@ -99,7 +99,7 @@ class Tokenizer:
         if path.suffix == ".json":
             return cls.from_file(path, "huggingface")
         raise UserError(f"cannot tell the tokenizer type of {path}: expected a SentencePiece "
-                         f".model or a Hugging Face tokenizer.json.")
+                        f".model or a Hugging Face tokenizer.json.")
 
     @classmethod
     def _load_dir(cls, directory: Path) -> Tokenizer:
@@ -134,7 +134,7 @@ class Tokenizer:
         eod = next((i for t in _EOD_CANDIDATES if (i := probe.token_to_id(t)) is not None), None)
         if eod is None:
             raise UserError(f"{path} has none of the end-of-document tokens {_EOD_CANDIDATES}; "
-                             f"add one to the tokenizer.")
+                            f"add one to the tokenizer.")
         return cls(kind=kind, path=Path(path), eod_id=eod)
 
 

@@ -43,7 +43,7 @@ class KDConfig:
             raise UserError(f"--kd-top-k must be positive, got {self.top_k}.")
         if self.reverse and self.top_k:
             raise UserError("--kd-reverse with --kd-top-k is undefined (the reverse KL against "
-                             "a truncated teacher is infinite); drop one of them.")
+                            "a truncated teacher is infinite); drop one of them.")
         pairs = tuple((int(s), int(t)) for s, t in self.intermediate_pairs)
         if any(s < 0 or t < 0 for s, t in pairs):
             raise UserError(f"--kd-intermediate layer indices must be ≥ 0, got {pairs}.")
@@ -63,7 +63,7 @@ class KDConfig:
             parts = item.strip().split(":")
             if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
                 raise UserError(f"--kd-intermediate expects STUDENT:TEACHER layer pairs like "
-                                 f"'3:7,5:11' (0-based), got {text!r}.")
+                                f"'3:7,5:11' (0-based), got {text!r}.")
             pairs.append((int(parts[0]), int(parts[1])))
         return tuple(pairs)
 
@@ -151,19 +151,19 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive integer, "
-                                 f"got {value!r}.")
+                                f"got {value!r}.")
         for name in ("eval_interval", "save_interval", "lr_warmup_iters", "exit_interval"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be ≥ 0.")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise UserError(f"need 0 ≤ --min-lr ≤ --lr and --lr > 0, got lr={self.lr}, "
-                             f"min_lr={self.min_lr}.")
+                            f"min_lr={self.min_lr}.")
         if self.lr_decay_style not in LR_DECAY_STYLES:
             raise UserError(f"--lr-decay-style must be one of {LR_DECAY_STYLES}, got "
-                             f"{self.lr_decay_style!r}.")
+                            f"{self.lr_decay_style!r}.")
         if self.lr_warmup_iters >= self.decay_iters and self.lr_decay_style != "constant":
             raise UserError(f"--lr-warmup-iters ({self.lr_warmup_iters}) must be smaller than "
-                             f"the decay steps ({self.decay_iters}).")
+                            f"the decay steps ({self.decay_iters}).")
         if self.clip_grad < 0:
             raise UserError(f"--clip-grad must be ≥ 0, got {self.clip_grad}.")
         object.__setattr__(self, "save", Path(self.save))

@@ -44,15 +44,15 @@ def check_run(*, student: CheckpointInfo, teacher: CheckpointInfo | None, kd: KD
             info.model_config.check_parallel(tensor_parallel=tp, pipeline_parallel=pp)
         except UserError as err:
             raise UserError(f"the {role} ({info.root}) cannot be laid out at TP={tp}, PP={pp}: "
-                             f"{err} Teacher and student share the layout, so it must suit "
-                             f"both.") from None
+                            f"{err} Teacher and student share the layout, so it must suit "
+                            f"both.") from None
     train.microbatches(parallel.data_parallel_size(world_size))
     if teacher is not None:
         _check_same_vocabulary(student, teacher)
         top_k = (kd or KDConfig()).top_k
         if top_k and top_k > teacher.model_config.padded_vocab_size:
             raise UserError(f"--kd-top-k {top_k} exceeds the vocabulary "
-                             f"({teacher.model_config.padded_vocab_size}); choose a smaller k.")
+                            f"({teacher.model_config.padded_vocab_size}); choose a smaller k.")
         (kd or KDConfig()).check_layers(student.model_config.num_layers,
                                         teacher.model_config.num_layers)
     resumable_checkpoint(train.load, student.model_config)
@@ -60,10 +60,10 @@ def check_run(*, student: CheckpointInfo, teacher: CheckpointInfo | None, kd: KD
         require_wandb()
     if params_dtype != torch.float32 and not on_gpu:
         raise UserError("bf16/fp16 training uses Megatron's mixed-precision optimizer, which "
-                         "needs a GPU; use --params-dtype fp32 on CPU.")
+                        "needs a GPU; use --params-dtype fp32 on CPU.")
     if train.use_distributed_optimizer and params_dtype == torch.float32:
         raise UserError("the distributed optimizer shards fp32 main weights of bf16/fp16 "
-                         "parameters; use --params-dtype bf16, or drop the distributed optimizer.")
+                        "parameters; use --params-dtype bf16, or drop the distributed optimizer.")
 
 
 def _check_same_vocabulary(student: CheckpointInfo, teacher: CheckpointInfo) -> None:

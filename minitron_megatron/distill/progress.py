@@ -24,8 +24,8 @@ def require_wandb() -> None:
     """Fail before any work when ``--wandb-project`` is given but wandb is not installed."""
     if importlib.util.find_spec("wandb") is None:
         raise UserError("--wandb-project needs the wandb package: pip install "
-                         "'minitron-megatron[wandb]' (with WANDB_MODE=offline it logs without "
-                         "network), or drop --wandb-project.")
+                        "'minitron-megatron[wandb]' (with WANDB_MODE=offline it logs without "
+                        "network), or drop --wandb-project.")
 
 
 class Progress:

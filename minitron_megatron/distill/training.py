@@ -154,7 +154,7 @@ class Trainer:
                 want += (f" and --eval-iters × --global-batch-size = {needed['valid']} "
                          f"validation samples")
             raise UserError(f"{err} (this run needs {want} of --seq-length "
-                             f"{self.data.seq_length} tokens)") from None
+                            f"{self.data.seq_length} tokens)") from None
 
     # ------------------------------------------------------------------ steps
     def train_step(self) -> dict[str, float]:

@@ -87,7 +87,7 @@ def estimate_importance(
     config.check_model(model_config.num_layers)
     if num_samples < ps.dp_size:
         raise UserError(f"{num_samples} calibration samples cannot be split over "
-                         f"{ps.dp_size} data-parallel ranks; use at least {ps.dp_size}.")
+                        f"{ps.dp_size} data-parallel ranks; use at least {ps.dp_size}.")
     ids = shard_for_data_parallel(num_samples, ps.dp_rank, ps.dp_size)
     batches = list(micro_batches(dataset, ids, micro_batch_size))
     run = dict(seq_length=seq_length, micro_batch_size=micro_batch_size)

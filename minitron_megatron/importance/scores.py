@@ -65,7 +65,7 @@ class Scores:
         for name, shape in shapes.items():
             if tuple(getattr(self, name).shape) != shape:
                 raise UserError(f"scores {name} has shape {tuple(getattr(self, name).shape)}, "
-                                 f"expected {shape} for the model config it names.")
+                                f"expected {shape} for the model config it names.")
 
     @property
     def hidden(self) -> torch.Tensor:
@@ -110,10 +110,10 @@ class Scores:
                 tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         except (SafetensorError, OSError, ValueError) as err:
             raise UserError(f"{path} is not a scores file ({err}); recreate it with "
-                             f"`minitron importance`.") from None
+                            f"`minitron importance`.") from None
         if meta.get("format") != FORMAT:
             raise UserError(f"{path} is not a {FORMAT} scores file (format "
-                             f"{meta.get('format')!r}); recreate it with `minitron importance`.")
+                            f"{meta.get('format')!r}); recreate it with `minitron importance`.")
         return cls(
             model_config=ModelConfig.from_dict(json.loads(meta["model_config"])),
             settings=ImportanceConfig.from_dict(json.loads(meta["settings"])),

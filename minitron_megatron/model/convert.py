@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 def _require_single_process(ps: ParallelState, command: str) -> None:
     if ps.world_size != 1:
         raise UserError(f"{command} runs on one process (its checkpoint loads at any layout "
-                         f"afterwards); launch it with python, not torchrun.")
+                        f"afterwards); launch it with python, not torchrun.")
 
 
 def open_source(path: str | Path):
@@ -46,7 +46,7 @@ def open_source(path: str | Path):
     if path.is_file():
         if path.suffix != ".gguf":
             raise UserError(f"{path} is a file but not a .gguf; pass a .gguf file or a Hugging "
-                             f"Face model directory.")
+                            f"Face model directory.")
         source = GGUFSource(path)
         return source.model_config(), source, source
     cfg, source = read_hf_directory(path)
@@ -84,7 +84,7 @@ def import_model(
         tok = _tokenizer_for(Path(source_path), gguf, tokenizer, Path(staging) / "raw")
         if tok is not None and tok.vocab_size > cfg.vocab_size:
             raise UserError(f"tokenizer has {tok.vocab_size} tokens but the model only "
-                             f"{cfg.vocab_size}; pass the model's own tokenizer.")
+                            f"{cfg.vocab_size}; pass the model's own tokenizer.")
         model = build_model(cfg, ps, params_dtype=params_dtype, init_weights=False, spec="local")
         params = model.state_dict(keep_vars=True)
         filled = set()
@@ -92,8 +92,8 @@ def import_model(
             for name, tensor in hf_to_megatron(cfg, read):
                 if params[name].shape != tensor.shape:
                     raise UserError(f"{name}: source shape {tuple(tensor.shape)} does not match "
-                                     f"the config's {tuple(params[name].shape)}; the model's "
-                                     f"config.json and weights disagree.")
+                                    f"the config's {tuple(params[name].shape)}; the model's "
+                                    f"config.json and weights disagree.")
                 params[name].copy_(tensor)
                 filled.add(name)
         missing = [n for n in params if n not in filled and not n.endswith("_extra_state")]

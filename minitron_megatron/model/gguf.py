@@ -53,7 +53,7 @@ class GGUFSource:
             self._reader = gguf.GGUFReader(str(self.path))
         except (ValueError, OSError, IndexError, KeyError) as err:
             raise UserError(f"{self.path} is not a readable GGUF file ({err}); it may be "
-                             f"truncated or corrupt: copy it again.") from None
+                            f"truncated or corrupt: copy it again.") from None
         arch = self.field("general.architecture")
         if arch != "llama":
             raise UnsupportedModelError(

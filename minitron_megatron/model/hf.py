@@ -168,13 +168,13 @@ class SafetensorsSource:
                 _check_sizes(file, handle)
             except (SafetensorError, OSError, ValueError) as err:
                 raise UserError(f"{file} is corrupt or truncated ({err}); download or copy it "
-                                 f"again.") from None
+                                f"again.") from None
             self._handles.append(handle)
 
     def __call__(self, name: str) -> torch.Tensor:
         if name not in self._where:
             raise UserError(f"tensor {name} missing from the safetensors files; is the checkpoint "
-                           f"complete?")
+                            f"complete?")
         return self._where[name].get_tensor(name).float()
 
     def keys(self) -> Iterable[str]:

@@ -42,7 +42,7 @@ def pad_vocab(cfg: ModelConfig, weight: torch.Tensor) -> torch.Tensor:
     extra = cfg.padded_vocab_size - weight.shape[0]
     if extra < 0:
         raise UserError(f"embedding has {weight.shape[0]} rows, more than padded_vocab_size "
-                         f"{cfg.padded_vocab_size}.")
+                        f"{cfg.padded_vocab_size}.")
     return torch.cat([weight, weight.new_zeros(extra, *weight.shape[1:])]) if extra else weight
 
 

@@ -130,7 +130,7 @@ def adopt_megatron_checkpoint(
     tok = Tokenizer.load(tokenizer) if tokenizer is not None else None
     if tok is not None and tok.vocab_size > cfg.padded_vocab_size:
         raise UserError(f"tokenizer has {tok.vocab_size} tokens, more than the model's "
-                         f"{cfg.padded_vocab_size}; pass the tokenizer the model was trained with.")
+                        f"{cfg.padded_vocab_size}; pass the tokenizer the model was trained with.")
     save.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=save, prefix=".adopt-") as tmp:
         staged = Path(tmp) / source.name

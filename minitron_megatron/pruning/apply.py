@@ -164,7 +164,7 @@ def check_same_model(scored: ModelConfig, info) -> None:
         diff = {k: (v, getattr(scored, k)) for k, v in info.model_config.to_dict().items()
                 if getattr(scored, k) != v}
         raise UserError(f"the scores were computed on another model (checkpoint vs scores: "
-                         f"{diff}); run `minitron importance --load {info.root}` first.")
+                        f"{diff}); run `minitron importance --load {info.root}` first.")
 
 
 def check_prune_inputs(info, plan: PrunePlan, save: str | Path, *, tensor_parallel: int,
@@ -178,7 +178,7 @@ def check_prune_inputs(info, plan: PrunePlan, save: str | Path, *, tensor_parall
         raise UserError(f"--save {save} is a file; pass a directory for the pruned checkpoint.")
     if save.resolve() in (Path(info.root).resolve(), Path(info.path).resolve()):
         raise UserError(f"--save {save} is the checkpoint being pruned; write the pruned model "
-                         f"to a new directory.")
+                        f"to a new directory.")
 
 
 def prune_checkpoint(info, plan: PrunePlan, save: str | Path, ps: ParallelState, *,

@@ -88,8 +88,8 @@ def _depth_scores(scores: Scores, name: str, cli_metric: str) -> torch.Tensor:
     if name not in scores.depth:
         have = ", ".join(sorted(scores.depth)) or "none"
         raise UserError(f"the scores file has no {name!r} depth scores (it has: {have}); "
-                         f"recompute with `minitron importance ... --depth-metrics {cli_metric}` "
-                         f"or choose another --depth-method.")
+                        f"recompute with `minitron importance ... --depth-metrics {cli_metric}` "
+                        f"or choose another --depth-method.")
     return scores.depth[name]
 
 

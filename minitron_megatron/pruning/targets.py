@@ -55,10 +55,10 @@ class PruneTargets:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise UserError(f"{flag} {value} must be a positive integer (pruning an axis "
-                                 f"to zero would remove it entirely).")
+                                f"to zero would remove it entirely).")
         if self.depth_method not in DEPTH_METHODS:
             raise UserError(f"--depth-method {self.depth_method!r} is not one of "
-                             f"{', '.join(DEPTH_METHODS)}.")
+                            f"{', '.join(DEPTH_METHODS)}.")
         if self.drop_layers is not None:
             drop = tuple(self.drop_layers)
             object.__setattr__(self, "drop_layers", drop)
@@ -71,19 +71,19 @@ class PruneTargets:
             value, current = getattr(self, name), getattr(source, field)
             if value is not None and value > current:
                 raise UserError(f"{flag} {value} is larger than the model's {field}={current}; "
-                                 f"pruning only removes units: choose at most {current}.")
+                                f"pruning only removes units: choose at most {current}.")
         layers = source.num_layers
         if self.drop_layers is not None:
             outside = [i for i in self.drop_layers if not 0 <= i < layers]
             if outside:
                 raise UserError(f"--drop-layers {outside} outside 0..{layers - 1} (the model has "
-                                 f"{layers} layers); use 0-based layer indices.")
+                                f"{layers} layers); use 0-based layer indices.")
             kept = layers - len(self.drop_layers)
             if kept == 0:
                 raise UserError("--drop-layers removes every layer; keep at least one.")
             if self.num_layers is not None and self.num_layers != kept:
                 raise UserError(f"--drop-layers keeps {kept} layers but --target-num-layers is "
-                                 f"{self.num_layers}; give one of the two.")
+                                f"{self.num_layers}; give one of the two.")
             layers = kept
         elif self.num_layers is not None:
             layers = self.num_layers
@@ -121,5 +121,5 @@ def check_layout(target: ModelConfig, *, tensor_parallel: int, pipeline_parallel
                               pipeline_parallel=pipeline_parallel)
     except UserError as err:
         raise UserError(f"the pruned shape cannot be built at this layout: {err} Choose targets "
-                         f"divisible by the TP size, or prune at a smaller TP (the pruned "
-                         f"checkpoint loads at any layout).") from None
+                        f"divisible by the TP size, or prune at a smaller TP (the pruned "
+                        f"checkpoint loads at any layout).") from None

@@ -101,8 +101,8 @@ def _plan(scores: Scores, candidate: Candidate, depth_method: str) -> PrunePlan:
         hint = (f", or restrict the search space's num_layers to [{layers}]"
                 if shape["num_layers"] < layers else "")
         raise UserError(f"candidate {candidate.name} drops {layers - shape['num_layers']} of "
-                         f"{layers} layers by --depth-method {depth_method}, but "
-                         f"{str(err).rstrip('.')}{hint}.") from None
+                        f"{layers} layers by --depth-method {depth_method}, but "
+                        f"{str(err).rstrip('.')}{hint}.") from None
 
 
 def _differences(ours: dict[str, Any], theirs: dict[str, Any], prefix: str = "") -> list[str]:
@@ -129,22 +129,22 @@ def _previous(search: SearchConfig, settings: dict[str, Any], candidates: list[C
     if previous is None:
         if directory.is_dir() and any(directory.iterdir()):
             raise UserError(f"--save {directory} is not empty and holds no {RESULTS_JSON}; "
-                             f"choose a new or empty directory for the search.")
+                            f"choose a new or empty directory for the search.")
         return None
     # --top-k may change on resume (the recorded losses stay valid): raising it distills more
     diff = _differences(_without_top_k(settings), _without_top_k(previous.settings))
     if diff:
         raise UserError(f"--save {directory} holds a search with other settings (recorded → "
-                         f"now: {'; '.join(diff)}); resume with the same flags and scores, or "
-                         f"choose a new --save directory.")
+                        f"now: {'; '.join(diff)}); resume with the same flags and scores, or "
+                        f"choose a new --save directory.")
     previous.settings["search"]["top_k"] = settings["search"]["top_k"]
     recorded = [r.name for r in previous.candidates]
     if recorded != [c.name for c in candidates]:
         raise UserError(f"--save {directory} holds a search over other candidates "
-                         f"({', '.join(recorded)}) than this layout allows ("
-                         f"{', '.join(c.name for c in candidates)} at TP={tensor_parallel}, "
-                         f"PP={pipeline_parallel}); resume at the layout the search started "
-                         f"with, or choose a new --save directory.")
+                        f"({', '.join(recorded)}) than this layout allows ("
+                        f"{', '.join(c.name for c in candidates)} at TP={tensor_parallel}, "
+                        f"PP={pipeline_parallel}); resume at the layout the search started "
+                        f"with, or choose a new --save directory.")
     return previous
 
 
@@ -173,7 +173,7 @@ def prepare_search(*, teacher: CheckpointInfo, scores: Scores, space: SearchSpac
         teacher.model_config.check_parallel(tensor_parallel=tp, pipeline_parallel=pp)
     except UserError as err:
         raise UserError(f"the teacher ({teacher.root}) cannot be laid out at TP={tp}, PP={pp}: "
-                         f"{err}") from None
+                        f"{err}") from None
     candidates = enumerate_candidates(teacher.model_config, space,
                                       target_params=search.target_params,
                                       tolerance=search.params_tolerance, tensor_parallel=tp,

@@ -85,7 +85,7 @@ class SearchResults:
                                    data["candidates"]])
         except (ValueError, KeyError, TypeError) as err:
             raise UserError(f"{path} is not a {FORMAT} results file ({err}); move it away or "
-                             f"choose another --save directory.") from None
+                            f"choose another --save directory.") from None
 
     # ------------------------------------------------------------------ queries
     def get(self, name: str) -> CandidateResult:

@@ -67,10 +67,10 @@ def _datasets(plan: SearchPlan):
                               num_samples=needed)["valid"]
     except UserError as err:
         raise UserError(f"{err} (each candidate needs --candidate-train-iters × "
-                         f"--global-batch-size = {needed['train']} training samples and "
-                         f"--candidate-eval-iters × --global-batch-size = {needed['valid']} "
-                         f"held-out samples of --seq-length {plan.data.seq_length} "
-                         f"tokens)") from None
+                        f"--global-batch-size = {needed['train']} training samples and "
+                        f"--candidate-eval-iters × --global-batch-size = {needed['valid']} "
+                        f"held-out samples of --seq-length {plan.data.seq_length} "
+                        f"tokens)") from None
 
 
 def _evaluate(model, ps: ParallelState, plan: SearchPlan, valid) -> float:

@@ -113,7 +113,7 @@ class SearchSpace:
             merged[axis] = (value,) if isinstance(value, int) else value
             if not isinstance(merged[axis], list | tuple):
                 raise UserError(f"search space {axis} must be a list of integers, e.g. "
-                                 f"{axis}: [{getattr(base, axis)[0]}], got {value!r}")
+                                f"{axis}: [{getattr(base, axis)[0]}], got {value!r}")
         return cls(**{axis: tuple(values) for axis, values in merged.items()})
 
     @classmethod
@@ -124,7 +124,7 @@ class SearchSpace:
             raise UserError(f"search space {path} is not valid YAML: {err}") from None
         if not isinstance(data, dict):
             raise UserError(f"search space {path} must map axis names to lists of choices, "
-                             f"e.g. 'num_layers: [30, 28]'.")
+                            f"e.g. 'num_layers: [30, 28]'.")
         return cls.from_dict(data, base)
 
     def check_against(self, teacher: ModelConfig, *, tensor_parallel: int) -> None:
@@ -133,7 +133,7 @@ class SearchSpace:
             too_big = [v for v in getattr(self, axis) if v > getattr(teacher, axis)]
             if too_big:
                 raise UserError(f"search space {axis} choices {too_big} exceed the teacher's "
-                                 f"{getattr(teacher, axis)}; pruning only shrinks.")
+                                f"{getattr(teacher, axis)}; pruning only shrinks.")
         tp = tensor_parallel
         for axis in ("ffn_hidden_size", "num_attention_heads", "num_query_groups"):
             bad = [v for v in getattr(self, axis) if v % tp]
@@ -197,9 +197,9 @@ def enumerate_candidates(
     valid = list(_valid_shapes(teacher, space, tensor_parallel, pipeline_parallel))
     if not valid:
         raise UserError(f"the search space holds no shape valid at TP={tensor_parallel} "
-                         f"(heads a multiple of the query groups, at most "
-                         f"{teacher.heads_per_group} heads per group as in the teacher, heads, "
-                         f"groups and MLP size divisible by TP).")
+                        f"(heads a multiple of the query groups, at most "
+                        f"{teacher.heads_per_group} heads per group as in the teacher, heads, "
+                        f"groups and MLP size divisible by TP).")
     ranked = sorted(valid, key=lambda c: (abs(c.params - target_params), c.name))
     within = [c for c in ranked if abs(c.params - target_params) <= tolerance * target_params]
     if not within:
