@@ -24,6 +24,7 @@ from pathlib import Path
 
 from minitron_megatron.data import assets
 from minitron_megatron.errors import UserError
+from minitron_megatron.output_paths import check_output_dir
 
 # About half of SmolLM2-135M (134.5M → 68.5M, 50.9 %), every size divisible by TP=3.
 PRUNE_TARGET = {"hidden_size": 448, "ffn_hidden_size": 768, "num_attention_heads": 6}
@@ -69,6 +70,7 @@ class DemoConfig:
             for name, value in (("seq_length", 64), ("eval_samples", 6), ("calib_samples", 6),
                                 ("distill_iters", 4)):
                 object.__setattr__(self, name, value)
+        check_output_dir(self.output_dir, "--output-dir")
         if 3 % self.nproc:
             raise UserError(f"--nproc {self.nproc} must divide SmolLM2's 3 query groups "
                             f"(use 1 or 3).")
@@ -153,7 +155,7 @@ class Demo:
         targets = [f"--target-{k.replace('_', '-')}" for k in PRUNE_TARGET]
         self._run("prune", [
             "prune", "--load", str(teacher), "--scores", str(d / "scores.safetensors"),
-            "--save", str(student),
+            "--save", str(student), "--overwrite",  # the demo owns its output directory
             *(x for flag, v in zip(targets, PRUNE_TARGET.values()) for x in (flag, str(v))), *tp,
         ], nproc=cfg.nproc, layout=f"TP={cfg.nproc}")
         self._evaluate("pruned zero-shot loss", student)

@@ -30,8 +30,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     from minitron_megatron.checkpoint import find_checkpoint
     from minitron_megatron.evaluate import evaluate_checkpoint
+    from minitron_megatron.output_paths import check_output_file
 
     info = find_checkpoint(args.load)
+    if args.output_json:
+        check_output_file(args.output_json, "--output-json")
     data = data_config(args)
     parallel = parallel_config(args)
     info.model_config.check_parallel(tensor_parallel=parallel.tensor_model_parallel_size,

@@ -15,6 +15,7 @@ from minitron_megatron.distill.checkpointing import resumable_checkpoint
 from minitron_megatron.distill.config import KDConfig, TrainConfig
 from minitron_megatron.distill.progress import require_wandb
 from minitron_megatron.errors import UserError
+from minitron_megatron.output_paths import check_output_dir
 
 log = logging.getLogger("minitron.distill")
 
@@ -37,6 +38,7 @@ def check_run(*, student: CheckpointInfo, teacher: CheckpointInfo | None, kd: KD
               params_dtype: torch.dtype = torch.float32, on_gpu: bool = False) -> None:
     """Raise ``ValueError`` (or ``CheckpointError``) for the first problem found."""
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    check_output_dir(train.save, "--save")
     for role, info in (("student", student), ("teacher", teacher)):
         if info is None:
             continue

@@ -26,6 +26,11 @@ from minitron_megatron.model.build import build_model
 from minitron_megatron.model.gguf import GGUFSource
 from minitron_megatron.model.hf import hf_config_for, read_hf_directory, write_hf_directory
 from minitron_megatron.model.llama_weights import hf_to_megatron, megatron_to_hf
+from minitron_megatron.output_paths import (
+    check_output_dir,
+    check_replaceable,
+    replacing_directory,
+)
 from minitron_megatron.runtime.distributed import ParallelState
 
 log = logging.getLogger(__name__)
@@ -79,6 +84,7 @@ def import_model(
 ) -> ModelConfig:
     """Convert a Llama-family model to a minitron checkpoint at ``save``; returns its config."""
     _require_single_process(ps, "import-hf")
+    check_output_dir(save, "--save")
     cfg, read, gguf = open_source(source_path)
     with tempfile.TemporaryDirectory() as staging:
         tok = _tokenizer_for(Path(source_path), gguf, tokenizer, Path(staging) / "raw")
@@ -111,9 +117,14 @@ def export_model(
     ps: ParallelState,
     *,
     dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
 ) -> Path:
-    """Write a minitron checkpoint as a Hugging Face directory ``transformers`` loads."""
+    """Write a minitron checkpoint as a Hugging Face directory ``transformers`` loads.
+
+    ``save`` must be new or empty unless ``overwrite``; it is written in a staging directory
+    and renamed into place, so it never mixes old and new files nor holds a partial export."""
     _require_single_process(ps, "export-hf")
+    check_replaceable(save, "--save", overwrite=overwrite)
     info = find_checkpoint(load)
     cfg = info.model_config
     tok = Tokenizer.load(info.tokenizer_dir) if info.tokenizer_dir is not None else None
@@ -122,11 +133,12 @@ def export_model(
     model = build_model(cfg, ps, init_weights=False, spec="local")
     load_checkpoint(info, model=model)
     state = model.state_dict()
-    save = Path(save)
-    write_hf_directory(save, hf_config, megatron_to_hf(cfg, state.__getitem__), dtype=dtype)
-    if tok is not None:
-        _write_hf_tokenizer(tok, save)
-    return save
+    with replacing_directory(save) as staging:
+        write_hf_directory(staging, hf_config, megatron_to_hf(cfg, state.__getitem__),
+                           dtype=dtype)
+        if tok is not None:
+            _write_hf_tokenizer(tok, staging)
+    return Path(save)
 
 
 def _write_hf_tokenizer(tok: Tokenizer, directory: Path) -> None:

@@ -33,6 +33,7 @@ from minitron_megatron.checkpoint_manifest import MANIFEST_FILE, untrusted_reaso
 from minitron_megatron.config import ModelConfig
 from minitron_megatron.data.tokenizer import Tokenizer
 from minitron_megatron.errors import CorruptCheckpointError, UserError
+from minitron_megatron.output_paths import check_output_dir
 
 
 def config_from_megatron_args(args: Namespace | dict[str, Any]) -> ModelConfig:
@@ -114,6 +115,7 @@ def adopt_megatron_checkpoint(
 ) -> ModelConfig:
     """Write ``save`` as a minitron checkpoint whose tensors are ``load``'s (linked, not copied)."""
     load, save = Path(load), Path(save)
+    check_output_dir(save, "--save")
     if not load.is_dir():
         raise CheckpointError(f"Megatron-LM checkpoint {load} does not exist or is not a "
                               f"directory.")

@@ -25,6 +25,7 @@ from minitron_megatron.distill.config import KDConfig, TrainConfig
 from minitron_megatron.distill.preflight import check_run
 from minitron_megatron.errors import UserError
 from minitron_megatron.importance import Scores
+from minitron_megatron.output_paths import check_output_dir
 from minitron_megatron.pruning import PrunePlan, PruneTargets, make_plan
 from minitron_megatron.pruning.apply import check_same_model
 from minitron_megatron.search.config import RESULTS_JSON, SearchConfig
@@ -123,8 +124,7 @@ def _without_top_k(settings: dict[str, Any]) -> dict[str, Any]:
 def _previous(search: SearchConfig, settings: dict[str, Any], candidates: list[Candidate],
               tensor_parallel: int, pipeline_parallel: int) -> SearchResults | None:
     directory = search.save
-    if directory.exists() and not directory.is_dir():
-        raise UserError(f"--save {directory} is a file; pass a directory for the search.")
+    check_output_dir(directory, "--save")
     previous = SearchResults.load(directory)
     if previous is None:
         if directory.is_dir() and any(directory.iterdir()):
