@@ -220,6 +220,15 @@ class ModelConfig:
                 f"{self.num_layers}; use at most one stage per layer."
             )
 
+    def check_seq_length(self, seq_length: int) -> None:
+        """Refuse sequences longer than the positions the model was built for (learned
+        positions would index past their table; RoPE would run untrained positions)."""
+        if seq_length > self.max_position_embeddings:
+            raise UserError(
+                f"--seq-length {seq_length} exceeds the model's max_position_embeddings="
+                f"{self.max_position_embeddings} (the longest sequence it was built for); use "
+                f"--seq-length {self.max_position_embeddings} or less.")
+
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -42,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     from minitron_megatron.checkpoint import find_checkpoint
     from minitron_megatron.importance import ImportanceConfig, importance_checkpoint
+    from minitron_megatron.importance.config import CalibrationConfig
 
     info = find_checkpoint(args.load)
     config = ImportanceConfig(batch_agg=args.batch_agg, seq_agg=args.seq_agg,
@@ -51,15 +52,17 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.save_scores)
     if out.is_dir() or not out.parent.is_dir():
         raise UserError(f"--save-scores {out} must be a file in an existing directory.")
-    if args.calib_samples <= 0:
-        raise UserError(f"--calib-samples must be positive, got {args.calib_samples}.")
+    calibration = CalibrationConfig(num_samples=args.calib_samples,
+                                    micro_batch_size=args.micro_batch_size)
     data = data_config(args)
     parallel = parallel_config(args)
     info.model_config.check_parallel(tensor_parallel=parallel.tensor_model_parallel_size,
                                      pipeline_parallel=parallel.pipeline_model_parallel_size)
+    info.model_config.check_seq_length(data.seq_length)
     with run_distributed(parallel) as ps:
-        scores = importance_checkpoint(info, ps, data, num_samples=args.calib_samples,
-                                       micro_batch_size=args.micro_batch_size, config=config,
+        scores = importance_checkpoint(info, ps, data, num_samples=calibration.num_samples,
+                                       micro_batch_size=calibration.micro_batch_size,
+                                       config=config,
                                        params_dtype=DTYPES[args.params_dtype])
         if ps.rank == 0:
             scores.save(out)

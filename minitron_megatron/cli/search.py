@@ -67,7 +67,6 @@ def run(args: argparse.Namespace) -> None:
     from minitron_megatron.checkpoint import find_checkpoint
     from minitron_megatron.cli.common import data_config, run_distributed
     from minitron_megatron.cli.distill import kd_config, params_dtype, train_config
-    from minitron_megatron.distill.training import TrainingDiverged
     from minitron_megatron.errors import MissingInputError
     from minitron_megatron.importance import Scores
     from minitron_megatron.runtime.distributed import LaunchEnv
@@ -95,7 +94,4 @@ def run(args: argparse.Namespace) -> None:
                           world_size=LaunchEnv.from_environ(os.environ).world_size,
                           params_dtype=dtype, on_gpu=torch.cuda.is_available(), seed=args.seed)
     with run_distributed(parallel) as ps:
-        try:
-            run_search(plan, ps, params_dtype=dtype, seed=args.seed)
-        except TrainingDiverged as err:
-            raise SystemExit(f"minitron search: error: {err}") from None
+        run_search(plan, ps, params_dtype=dtype, seed=args.seed)

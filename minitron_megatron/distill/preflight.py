@@ -35,8 +35,9 @@ def tokenizer_fingerprint(info: CheckpointInfo) -> str | None:
 
 def check_run(*, student: CheckpointInfo, teacher: CheckpointInfo | None, kd: KDConfig | None,
               train: TrainConfig, parallel: ParallelConfig, world_size: int,
-              params_dtype: torch.dtype = torch.float32, on_gpu: bool = False) -> None:
-    """Raise ``ValueError`` (or ``CheckpointError``) for the first problem found."""
+              params_dtype: torch.dtype = torch.float32, on_gpu: bool = False,
+              seq_length: int | None = None) -> None:
+    """Raise a ``UserError`` (``CheckpointError`` included) for the first problem found."""
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     check_output_dir(train.save, "--save")
     for role, info in (("student", student), ("teacher", teacher)):
@@ -48,6 +49,8 @@ def check_run(*, student: CheckpointInfo, teacher: CheckpointInfo | None, kd: KD
             raise UserError(f"the {role} ({info.root}) cannot be laid out at TP={tp}, PP={pp}: "
                             f"{err} Teacher and student share the layout, so it must suit "
                             f"both.") from None
+        if seq_length is not None:
+            info.model_config.check_seq_length(seq_length)
     train.microbatches(parallel.data_parallel_size(world_size))
     if teacher is not None:
         _check_same_vocabulary(student, teacher)

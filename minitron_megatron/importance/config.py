@@ -31,6 +31,23 @@ def parse_depth_metric(name: str) -> tuple[str, int]:
 
 
 @dataclass(kw_only=True, frozen=True)
+class CalibrationConfig:
+    """How much calibration data an importance pass reads and how it is batched."""
+
+    num_samples: int
+    """Calibration samples from the train split (``--calib-samples``), split over DP ranks."""
+
+    micro_batch_size: int = 1
+    """Samples per forward pass on one rank (``--micro-batch-size``)."""
+
+    def __post_init__(self) -> None:
+        from minitron_megatron.data.loaders import positive_int
+
+        positive_int("--calib-samples", self.num_samples, "the number of calibration samples")
+        positive_int("--micro-batch-size", self.micro_batch_size, "samples per forward pass")
+
+
+@dataclass(kw_only=True, frozen=True)
 class ImportanceConfig:
     """How activations become scores (paper §2.2; defaults are its best setting, Table 11)."""
 

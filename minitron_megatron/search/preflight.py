@@ -185,7 +185,7 @@ def prepare_search(*, teacher: CheckpointInfo, scores: Scores, space: SearchSpac
     check_run(student=dataclasses.replace(teacher, model_config=shallowest.config),
               teacher=teacher, kd=kd, train=dataclasses.replace(train, load=None),
               parallel=parallel, world_size=world_size, params_dtype=params_dtype,
-              on_gpu=on_gpu)
+              on_gpu=on_gpu, seq_length=data.seq_length)
     settings = search_settings(teacher=teacher, scores=scores, space=space, search=search,
                                train=train, kd=kd, data=data, params_dtype=params_dtype,
                                seed=seed)

@@ -63,8 +63,8 @@ def _datasets(plan: SearchPlan):
     needed = {"train": t.train_iters * t.global_batch_size, "valid": plan.eval_samples}
     try:
         return build_datasets(plan.data, eod_id=eod_id_of(info),
-                              vocab_size=info.model_config.vocab_size,
-                              num_samples=needed)["valid"]
+                              vocab_size=info.model_config.vocab_size, num_samples=needed,
+                              padded_vocab_size=info.model_config.padded_vocab_size)["valid"]
     except UserError as err:
         raise UserError(f"{err} (each candidate needs --candidate-train-iters × "
                         f"--global-batch-size = {needed['train']} training samples and "
