@@ -183,8 +183,9 @@ class SafetensorsSource:
 
 def _check_sizes(file: Path, handle: Any) -> None:
     """safetensors validates the header only; compare the data length it declares with the file."""
-    header_len = int.from_bytes(file.open("rb").read(8), "little")
-    header = json.loads(file.open("rb").read(8 + header_len)[8:])
+    with file.open("rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_len))
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if file.stat().st_size < 8 + header_len + end:
         raise ValueError(f"file has {file.stat().st_size} bytes, header declares "
