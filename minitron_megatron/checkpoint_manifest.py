@@ -36,6 +36,9 @@ _VERIFIED: set[tuple[str, int, int]] = set()
 """Manifests already verified by this process (path, mtime_ns, size): a search loads its
 teacher once per candidate and re-hashes it only when the files changed."""
 
+_WARNED: set[Path] = set()
+"""Checkpoints without a manifest this process has already warned about."""
+
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -120,7 +123,8 @@ def verify_files(directory: str | Path) -> None:
     rank, world = _rank_world()
     entries = read_manifest(directory)
     if entries is None:
-        if rank == 0:
+        if rank == 0 and directory.resolve() not in _WARNED:  # once per process
+            _WARNED.add(directory.resolve())
             log.warning("%s has no %s (saved before checksums existed, or by another tool): "
                         "loading it unverified", directory, MANIFEST_FILE)
         return
@@ -183,11 +187,14 @@ def explain_load_error(err: BaseException, directory: Path) -> CheckpointError |
                 f"({_short_files(directory)}); copy the checkpoint again or re-create it.")
         if isinstance(inner, CheckpointingException):
             message = " ".join(str(inner).split())
-            return CheckpointError(
-                f"checkpoint {directory} does not fit the model its {_CONFIG} describes: "
-                f"{message}; the config and the tensors disagree (an edited or swapped "
-                f"{_CONFIG}, or a wrong --model-config): restore the config saved with these "
-                f"tensors.")
+            if len(message) > 400:
+                message = message[:400] + " ..."
+            if "shape mismatch" in message or "not found in the checkpoint" in message:
+                return CheckpointError(
+                    f"checkpoint {directory} does not fit the model its {_CONFIG} describes: "
+                    f"{message}; the config and the tensors disagree (an edited or swapped "
+                    f"{_CONFIG}, or a wrong --model-config): restore the config saved with "
+                    f"these tensors.")
     return None
 
 

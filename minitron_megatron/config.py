@@ -259,7 +259,7 @@ class ModelConfig:
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as err:
-            raise UserError(f"{path} is not valid YAML ({_yaml_problem(err)}); restore the "
+            raise UserError(f"{path} is not valid YAML ({yaml_problem(err)}); restore the "
                             f"file (a checkpoint's copy is written at save) or fix it.") from None
         if not isinstance(data, dict):
             raise UserError(f"{path} holds a {type(data).__name__}, not a mapping of ModelConfig "
@@ -273,7 +273,7 @@ class ModelConfig:
             raise UserError(f"{path}: {err}") from None
 
 
-def _yaml_problem(err: Exception) -> str:
+def yaml_problem(err: Exception) -> str:
     """One line for a YAML error (PyYAML's own message spans several, with a caret)."""
     mark = getattr(err, "problem_mark", None)
     problem = getattr(err, "problem", None) or type(err).__name__

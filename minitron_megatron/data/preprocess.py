@@ -96,7 +96,7 @@ def _jsonl_items(path: Path) -> Iterator[tuple[object, str]]:
             try:
                 yield json.loads(line), f"line {number}"
             except json.JSONDecodeError as err:
-                raise UserError(f"{path} line {number} is not valid JSON ({err.msg} at column "
+                raise UserError(f"{path} line {number} is not valid JSON ({err.msg}: column "
                                 f"{err.colno}); fix or remove that line.") from None
 
 
@@ -104,7 +104,7 @@ def _json_items(path: Path) -> Iterator[tuple[object, str]]:
     try:
         data = json.loads(_decode(path.read_bytes(), path, 1))
     except json.JSONDecodeError as err:
-        raise UserError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column "
+        raise UserError(f"{path} is not valid JSON ({err.msg}: line {err.lineno} column "
                         f"{err.colno}); fix the file (one JSON object per line belongs in a "
                         f".jsonl file).") from None
     if isinstance(data, dict):

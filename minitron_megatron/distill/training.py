@@ -278,10 +278,15 @@ class Trainer:
     def _diverged(self, iteration: int, what: str) -> None:
         from minitron_megatron.checkpoint import latest_iteration
 
+        if iteration == 0:  # before any step: the starting model itself gives NaN/inf
+            raise TrainingDiverged(
+                f"training stopped before its first step: {what} on the starting model "
+                f"({self.student_info.path}); its weights are corrupt or diverged: check it with "
+                f"`minitron evaluate`, or start from another checkpoint.")
         saved = latest_iteration(self.train_cfg.save) if self.train_cfg.save.exists() else None
         where = (f"the last good checkpoint is iteration {saved} in {self.train_cfg.save}; "
                  f"resume from it with --load {self.train_cfg.save}" if saved is not None
-                 else "no checkpoint was saved")
+                 else "no checkpoint was saved; start again")
         raise TrainingDiverged(
             f"training stopped at iteration {iteration}: {what}. Nothing was saved after it; "
             f"{where} after lowering --lr (or raising --lr-warmup-iters, or --clip-grad) or "

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from minitron_megatron.config import ModelConfig
+from minitron_megatron.config import ModelConfig, yaml_problem
 from minitron_megatron.errors import UserError
 
 AXES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
@@ -121,7 +121,8 @@ class SearchSpace:
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}
         except yaml.YAMLError as err:
-            raise UserError(f"search space {path} is not valid YAML: {err}") from None
+            raise UserError(f"search space {path} is not valid YAML ({yaml_problem(err)}); fix "
+                            f"the file.") from None
         if not isinstance(data, dict):
             raise UserError(f"search space {path} must map axis names to lists of choices, "
                             f"e.g. 'num_layers: [30, 28]'.")
