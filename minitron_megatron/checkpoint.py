@@ -28,16 +28,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from minitron_megatron.checkpoint_manifest import verified_load, write_manifest
 from minitron_megatron.config import ModelConfig
+from minitron_megatron.errors import CheckpointError
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 MODEL_CONFIG_FILE = "model_config.yaml"
 TOKENIZER_DIR = "tokenizer"
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint path that cannot be used, with what to do about it."""
 
 
 def iteration_dir(root: str | Path, iteration: int) -> Path:
@@ -101,6 +99,11 @@ def find_checkpoint(path: str | Path, iteration: int | None = None) -> Checkpoin
             )
         it_dir = iteration_dir(path, iteration)
     config_file = it_dir / MODEL_CONFIG_FILE
+    interrupted = root / f".{it_dir.name}.old"
+    if not it_dir.exists() and interrupted.is_dir():
+        raise CheckpointError(f"a save of {it_dir.name} was interrupted between its renames: the "
+                              f"checkpoint is in {interrupted}; rename it back with `mv "
+                              f"{interrupted} {it_dir}` (a later save of it also does).")
     if not config_file.is_file():
         raise CheckpointError(f"{it_dir} has no {MODEL_CONFIG_FILE}: the checkpoint is incomplete "
                               f"or was not written by minitron; re-create it.")
@@ -123,6 +126,16 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _finish_interrupted_swap(final: Path, old: Path) -> None:
+    """A save killed between its renames leaves ``.iter_N.old``: drop it if ``iter_N`` is in
+    place (only its deletion was cut short), else put it back (the swap was cut in half)."""
+    if old.exists():
+        if final.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, final)
 
 
 def save_checkpoint(
@@ -167,7 +180,12 @@ def save_checkpoint(
             shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
         for name, text in (files or {}).items():
             (tmp / name).write_text(text)
+    _barrier()
+    write_manifest(tmp)  # collective: each rank hashes a share of the files
+
+    if _rank() == 0:
         old = root / f".{final.name}.old"
+        _finish_interrupted_swap(final, old)
         if final.exists():
             os.replace(final, old)
         os.replace(tmp, final)
@@ -197,6 +215,7 @@ def _any_rank(flag: bool) -> bool:
     return any(flags)
 
 
+@verified_load  # checksums checked first; damaged or mismatched files give one-line errors
 def load_checkpoint(
     info: CheckpointInfo,
     *,

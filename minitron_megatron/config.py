@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 import yaml
 
+from minitron_megatron.errors import UserError
+
 Normalization = Literal["RMSNorm", "LayerNorm"]
 Activation = Literal["silu", "gelu", "relu", "squared_relu"]
 PositionEmbedding = Literal["rope", "learned_absolute"]
@@ -34,7 +36,7 @@ _POSITION_EMBEDDINGS = ("rope", "learned_absolute")
 
 def _positive(name: str, value: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}.")
+        raise UserError(f"ModelConfig.{name} must be a positive integer, got {value!r}.")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -120,14 +122,14 @@ class ModelConfig:
             object.__setattr__(self, "num_query_groups", self.num_attention_heads)
         _positive("num_query_groups", self.num_query_groups)
         if self.num_attention_heads % self.num_query_groups:
-            raise ValueError(
+            raise UserError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_query_groups={self.num_query_groups}: each query group must hold the same "
                 f"number of heads; choose heads as a multiple of the groups."
             )
         if self.kv_channels is None:
             if self.hidden_size % self.num_attention_heads:
-                raise ValueError(
+                raise UserError(
                     f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
                     f"{self.num_attention_heads}; set kv_channels (the head width) explicitly."
                 )
@@ -140,7 +142,7 @@ class ModelConfig:
             )
         _positive("padded_vocab_size", self.padded_vocab_size)
         if self.padded_vocab_size < self.vocab_size:
-            raise ValueError(
+            raise UserError(
                 f"padded_vocab_size={self.padded_vocab_size} is smaller than vocab_size="
                 f"{self.vocab_size}; it must be at least the tokenizer's vocabulary."
             )
@@ -150,9 +152,9 @@ class ModelConfig:
             ("position_embedding_type", self.position_embedding_type, _POSITION_EMBEDDINGS),
         ):
             if value not in allowed:
-                raise ValueError(f"ModelConfig.{name}={value!r} is not one of {allowed}.")
+                raise UserError(f"ModelConfig.{name}={value!r} is not one of {allowed}.")
         if not 0.0 < self.rotary_percent <= 1.0:
-            raise ValueError(f"rotary_percent must be in (0, 1], got {self.rotary_percent}.")
+            raise UserError(f"rotary_percent must be in (0, 1], got {self.rotary_percent}.")
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -207,16 +209,25 @@ class ModelConfig:
             if getattr(self, name) % tp:
                 problems.append(f"{name}={getattr(self, name)}")
         if problems:
-            raise ValueError(
+            raise UserError(
                 f"tensor-model-parallel-size {tp} does not divide {', '.join(problems)}; "
                 f"choose a TP that divides all of them "
                 f"(divisors of the query groups: {_divisors(self.num_query_groups)})."
             )
         if pipeline_parallel > self.num_layers:
-            raise ValueError(
+            raise UserError(
                 f"pipeline-model-parallel-size {pipeline_parallel} exceeds num_layers="
                 f"{self.num_layers}; use at most one stage per layer."
             )
+
+    def check_seq_length(self, seq_length: int) -> None:
+        """Refuse sequences longer than the positions the model was built for (learned
+        positions would index past their table; RoPE would run untrained positions)."""
+        if seq_length > self.max_position_embeddings:
+            raise UserError(
+                f"--seq-length {seq_length} exceeds the model's max_position_embeddings="
+                f"{self.max_position_embeddings} (the longest sequence it was built for); use "
+                f"--seq-length {self.max_position_embeddings} or less.")
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -227,7 +238,7 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown ModelConfig fields {unknown}; known fields: {sorted(known)}")
+            raise UserError(f"unknown ModelConfig fields {unknown}; known fields: {sorted(known)}")
         return cls(**data)
 
     def to_yaml(self) -> str:
@@ -242,7 +253,32 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
-        return cls.from_yaml(Path(path).read_text())
+        """Read a YAML config; anything that is not a valid one is a one-line ``UserError``
+        naming the file (a checkpoint's config is checksummed: restore it, don't edit it)."""
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise UserError(f"{path} is not valid YAML ({yaml_problem(err)}); restore the "
+                            f"file (a checkpoint's copy is written at save) or fix it.") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path} holds a {type(data).__name__}, not a mapping of ModelConfig "
+                            f"fields; restore the file or fix it.")
+        try:
+            return cls.from_dict(data)
+        except TypeError as err:  # a required field missing
+            raise UserError(f"{path} is not a complete ModelConfig ({err}); restore the file "
+                            f"or add the field.") from None
+        except UserError as err:
+            raise UserError(f"{path}: {err}") from None
+
+
+def yaml_problem(err: Exception) -> str:
+    """One line for a YAML error (PyYAML's own message spans several, with a caret)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or type(err).__name__
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
 
 
 def _divisors(n: int) -> list[int]:
@@ -273,7 +309,7 @@ class ParallelConfig:
                      "timeout_minutes"):
             _positive(name, getattr(self, name))
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
-            raise ValueError("sequence parallel needs tensor-model-parallel-size > 1.")
+            raise UserError("sequence parallel needs tensor-model-parallel-size > 1.")
 
     @property
     def model_parallel_size(self) -> int:
@@ -282,7 +318,7 @@ class ParallelConfig:
     def data_parallel_size(self, world_size: int) -> int:
         """DP size for a world, with an actionable error if TP×PP does not divide it."""
         if world_size % self.model_parallel_size:
-            raise ValueError(
+            raise UserError(
                 f"world size {world_size} is not divisible by tensor-model-parallel-size "
                 f"{self.tensor_model_parallel_size} × pipeline-model-parallel-size "
                 f"{self.pipeline_model_parallel_size} = {self.model_parallel_size}; launch a "

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minitron_megatron.data import assets
+from minitron_megatron.errors import UserError
+from minitron_megatron.output_paths import check_output_dir
 
 # About half of SmolLM2-135M (134.5M → 68.5M, 50.9 %), every size divisible by TP=3.
 PRUNE_TARGET = {"hidden_size": 448, "ffn_hidden_size": 768, "num_attention_heads": 6}
@@ -68,16 +70,17 @@ class DemoConfig:
             for name, value in (("seq_length", 64), ("eval_samples", 6), ("calib_samples", 6),
                                 ("distill_iters", 4)):
                 object.__setattr__(self, name, value)
+        check_output_dir(self.output_dir, "--output-dir")
         if 3 % self.nproc:
-            raise ValueError(f"--nproc {self.nproc} must divide SmolLM2's 3 query groups "
-                             f"(use 1 or 3).")
+            raise UserError(f"--nproc {self.nproc} must divide SmolLM2's 3 query groups "
+                            f"(use 1 or 3).")
         if self.distill_nproc <= 0 or self.global_batch_size % (2 * self.distill_nproc):
-            raise ValueError(f"the global batch {self.global_batch_size} must be a multiple of "
-                             f"2 × the {self.distill_nproc} distillation ranks.")
+            raise UserError(f"the global batch {self.global_batch_size} must be a multiple of "
+                            f"2 × the {self.distill_nproc} distillation ranks.")
         for name in ("seq_length", "eval_samples", "calib_samples", "distill_iters",
                      "global_batch_size"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"demo {name} must be positive.")
+                raise UserError(f"demo {name} must be positive.")
 
 
 @dataclass
@@ -152,7 +155,7 @@ class Demo:
         targets = [f"--target-{k.replace('_', '-')}" for k in PRUNE_TARGET]
         self._run("prune", [
             "prune", "--load", str(teacher), "--scores", str(d / "scores.safetensors"),
-            "--save", str(student),
+            "--save", str(student), "--overwrite",  # the demo owns its output directory
             *(x for flag, v in zip(targets, PRUNE_TARGET.values()) for x in (flag, str(v))), *tp,
         ], nproc=cfg.nproc, layout=f"TP={cfg.nproc}")
         self._evaluate("pruned zero-shot loss", student)

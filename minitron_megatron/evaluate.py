@@ -18,9 +18,25 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from minitron_megatron.data.loaders import micro_batches, shard_for_data_parallel
+from minitron_megatron.data.loaders import micro_batches, positive_int, shard_for_data_parallel
+from minitron_megatron.errors import NonFiniteResultError
 from minitron_megatron.model.forward import Batch, pipeline_forward
 from minitron_megatron.runtime.distributed import ParallelState
+
+
+@dataclass(kw_only=True, frozen=True)
+class EvalConfig:
+    """How much held-out data an evaluation reads and how it is batched."""
+
+    num_samples: int
+    """Validation samples evaluated (``--eval-samples``), split over the data-parallel ranks."""
+
+    micro_batch_size: int = 1
+    """Samples per forward pass on one rank (``--micro-batch-size``)."""
+
+    def __post_init__(self) -> None:
+        positive_int("--eval-samples", self.num_samples, "the number of validation samples")
+        positive_int("--micro-batch-size", self.micro_batch_size, "samples per forward pass")
 
 
 @dataclass(frozen=True)
@@ -54,8 +70,10 @@ def evaluate_model(
 ) -> EvalResult:
     """Loss of ``model`` on samples ``0..num_samples-1`` of ``dataset`` (split over DP ranks).
 
-    Collective over all ranks; every rank returns the same result.
+    Collective over all ranks; every rank returns the same result. A NaN or infinite loss raises
+    ``NonFiniteResultError`` instead of being reported as a number.
     """
+    EvalConfig(num_samples=num_samples, micro_batch_size=micro_batch_size)
     ids = shard_for_data_parallel(num_samples, ps.dp_rank, ps.dp_size)
     sums = pipeline_forward(
         model, ps, micro_batches(dataset, ids, micro_batch_size),
@@ -69,6 +87,11 @@ def evaluate_model(
     if tokens == 0:
         raise ValueError("no tokens were evaluated: every sample is masked.")
     loss = loss_sum / tokens
+    if not math.isfinite(loss):
+        raise NonFiniteResultError(
+            f"the loss over {int(tokens)} tokens is {loss}: the model's outputs are not finite. "
+            f"Its weights are probably corrupt or diverged (or a half-precision --params-dtype "
+            f"overflows); evaluate an earlier checkpoint, re-create this one, or use fp32.")
     return EvalResult(loss=loss, ppl=math.exp(min(loss, 700.0)), tokens=int(tokens))
 
 
@@ -87,8 +110,11 @@ def evaluate_checkpoint(
     from minitron_megatron.model.build import build_model
 
     cfg = info.model_config
+    EvalConfig(num_samples=num_samples, micro_batch_size=micro_batch_size)
+    cfg.check_seq_length(data.seq_length)
     datasets = build_datasets(data, eod_id=eod_id_of(info), vocab_size=cfg.vocab_size,
-                              num_samples={"valid": num_samples})
+                              num_samples={"valid": num_samples},
+                              padded_vocab_size=cfg.padded_vocab_size)
     model = build_model(cfg, ps, params_dtype=params_dtype, init_weights=False)
     load_checkpoint(info, model=model)
     return evaluate_model(model, ps, datasets["valid"], num_samples=num_samples,

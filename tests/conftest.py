@@ -6,13 +6,9 @@ runs in minutes on 2 CPU cores.
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 
 from tests import factories
-
-warnings.filterwarnings("ignore", category=UserWarning)
 
 
 @pytest.fixture(scope="session")

@@ -52,7 +52,7 @@ BAD = {
                "the student .* cannot be laid out at TP=1, PP=3.*must suit both"),
     "batch": ("good", ["--global-batch-size", "3", "--micro-batch-size", "2"],
               "global-batch-size 3 is not divisible by --micro-batch-size 2"),
-    "data-too-short": ("good", ["--seq-length", "100000"],
+    "data-too-short": ("good", ["--train-iters", "100000"],
                        "fewer than the .* requested.*--train-iters × --global-batch-size"),
     "resume-other-shape": ("good", ["--load", "{wide}"], "another shape.*hidden_size"),
     "pairs": ("good", ["--kd-intermediate", "0:9"], "pair 0:9 is out of range"),

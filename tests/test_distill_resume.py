@@ -20,6 +20,7 @@ from minitron_megatron.distill import schedule
 from minitron_megatron.distill.config import KDConfig, TrainConfig
 from minitron_megatron.distill.progress import read_metrics
 from minitron_megatron.distill.training import Trainer, TrainingDiverged
+from minitron_megatron.errors import CorruptCheckpointError
 from minitron_megatron.evaluate import evaluate_checkpoint
 from minitron_megatron.runtime.distributed import LaunchEnv, distributed, init_distributed, shutdown
 from minitron_megatron.testing.multiprocess import DistributedRunError, run_distributed
@@ -137,3 +138,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(assets, tmp_path, monkeyp
                                      "eval_interval": 0})])
     assert latest_iteration(tmp_path / "run") == 2
     assert sorted(p.name for p in (tmp_path / "run").glob("iter_*")) == ["iter_0000002"]
+    # a resume from a damaged training checkpoint is refused before it reads any state
+    monkeypatch.undo()
+    common = tmp_path / "run" / "iter_0000002" / "common.pt"
+    common.write_bytes(common.read_bytes()[:-8])
+    with pytest.raises(CorruptCheckpointError, match=f"{common} is corrupt or truncated"):
+        runs(LaunchEnv(), assets, [(str(tmp_path / "run"), {"layout": (1, 1),
+                                                            "global_batch_size": 1})])

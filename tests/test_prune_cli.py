@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,37 @@ def _expect_error(flags, message, ckpt, tmp_path, capsys, monkeypatch):
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert (out / "keep.txt").read_text() == "previous run"
     assert not (tmp_path / "fresh").exists()
+
+
+def test_save_onto_another_checkpoint_needs_overwrite(scores_files, llama_ckpt_untied, gpt_ckpt,
+                                                      tmp_path, capsys, monkeypatch):
+    """An existing run directory is neither replaced silently nor mixed with the pruned model:
+    refused before any work; with --overwrite replaced whole (its old iterations are gone)."""
+    other = tmp_path / "other"
+    shutil.copytree(gpt_ckpt, other)
+    shutil.copytree(other / "iter_0000000", other / "iter_0000100")
+    (other / "metrics.jsonl").write_text("{}\n")
+    before = sorted(p.name for p in other.iterdir())
+    targets = ["--scores", str(scores_files["llama"]), "--target-ffn-hidden-size", "48"]
+    argv = ["prune", "--load", str(llama_ckpt_untied), "--save", str(other), *targets]
+    monkeypatch.setattr("minitron_megatron.cli.prune.run_distributed", _no_work)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "already holds files" in err and "pass --overwrite" in err
+    assert sorted(p.name for p in other.iterdir()) == before
+    monkeypatch.undo()
+    cli.main([*argv, "--overwrite"])
+    capsys.readouterr()
+    assert sorted(p.name for p in other.iterdir()) == ["iter_0000000",
+                                                       "latest_checkpointed_iteration.txt"]
+    assert find_checkpoint(other).model_config.ffn_hidden_size == 48
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]  # no staging left
+
+
+def _no_work(*args, **kwargs):
+    raise AssertionError("distributed work started before --save was checked")
 
 
 def _torchrun(args, nproc=2):

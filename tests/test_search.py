@@ -259,7 +259,11 @@ BAD = {
     "other-search": (["--candidate-train-iters", "2"],
                      r"holds a search with other settings \(recorded → now: "
                      r"train.train_iters 4 → 2\)"),
-    "data-too-short": (["--seq-length", "100000"], "held-out samples of --seq-length 100000"),
+    "data-too-short": (["--candidate-train-iters", "100000"],
+                       "fewer than the 400000 requested.*--candidate-train-iters × "
+                       "--global-batch-size = 400000 training samples"),
+    "seq-length": (["--seq-length", "100000"],
+                   "--seq-length 100000 exceeds the model's max_position_embeddings=256"),
 }
 
 

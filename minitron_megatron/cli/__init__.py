@@ -17,6 +17,7 @@ from minitron_megatron.cli import (
     prune,
     search,
 )
+from minitron_megatron.errors import UserError
 
 COMMANDS = (convert, data, importance, prune, search, distill, evaluate, demo)
 
@@ -32,22 +33,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_optional_extras() -> None:
-    """Megatron warns at import when TransformerEngine/apex are absent (the CPU case)."""
-    for message in (".*Transformer Engine and Apex are not installed.*",
-                    ".*Apex is not installed.*", ".*Transformer Engine is not installed.*"):
-        warnings.filterwarnings("ignore", message=message)
-    warnings.filterwarnings("ignore", module="torch.distributed.checkpoint")  # DCP deprecations
+def quiet_third_party_warnings() -> None:
+    """Silence warnings a user cannot act on: those of Megatron-Core (TransformerEngine/apex
+    absent, ``cuda_graph_scope``, ``load_state_dict`` deprecations, ...), torch and every other
+    library; warnings raised by this package's own modules still show. Only at this edge, and
+    only when the user set no ``-W``/``PYTHONWARNINGS`` of their own: library code and the
+    tests see every warning."""
+    if sys.warnoptions:
+        return
+    warnings.simplefilter("ignore")
+    warnings.filterwarnings("default", module=r"minitron_megatron(\.|$)")
 
 
 def main(argv: list[str] | None = None) -> None:
-    _quiet_optional_extras()
+    quiet_third_party_warnings()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # dataset/checkpoint chatter
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        # user mistakes: one line, no traceback
-        print(f"minitron {args.command}: error: {err}", file=sys.stderr)
+    except UserError as err:
+        # a user mistake: one line, no traceback (anything else is a bug and keeps its traceback)
+        message = " ".join(str(err).split("\n"))
+        print(f"minitron {args.command}: error: {message}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -32,13 +32,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--load", required=True, help="checkpoint directory")
     p.add_argument("--save", required=True, help="HF directory to write")
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a --save directory that already holds files (atomically)")
     p.set_defaults(func=run_export)
 
 
 def run_import(args: argparse.Namespace) -> None:
     from minitron_megatron.model.convert import import_model, open_source
+    from minitron_megatron.output_paths import check_output_dir
 
     open_source(args.hf_path)  # validate the source before starting anything
+    check_output_dir(args.save, "--save")
     with run_distributed(single_process()) as ps:
         cfg = import_model(args.hf_path, args.save, ps, tokenizer=args.tokenizer,
                            params_dtype=DTYPES[args.params_dtype])
@@ -58,8 +62,11 @@ def run_adopt(args: argparse.Namespace) -> None:
 def run_export(args: argparse.Namespace) -> None:
     from minitron_megatron.checkpoint import find_checkpoint
     from minitron_megatron.model.convert import export_model
+    from minitron_megatron.output_paths import check_replaceable
 
     find_checkpoint(args.load)
+    check_replaceable(args.save, "--save", overwrite=args.overwrite)
     with run_distributed(single_process()) as ps:
-        out = export_model(args.load, args.save, ps, dtype=DTYPES[args.dtype])
+        out = export_model(args.load, args.save, ps, dtype=DTYPES[args.dtype],
+                           overwrite=args.overwrite)
     log.info("exported %s → %s", args.load, out)

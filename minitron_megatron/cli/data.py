@@ -26,4 +26,4 @@ def run(args: argparse.Namespace) -> None:
     stats = preprocess(args.input, Tokenizer.load(args.tokenizer), args.output_prefix,
                        json_keys=tuple(args.json_keys.split(",")))
     print(json.dumps({"documents": stats.documents, "tokens": stats.tokens,
-                      "output_prefix": stats.output_prefix}))
+                      "output_prefix": stats.output_prefix, "skipped": stats.skipped}))

@@ -123,7 +123,7 @@ def _run(args, *, student_path: str, teacher_path: str | None, kd) -> None:
 
     from minitron_megatron.checkpoint import find_checkpoint
     from minitron_megatron.distill.preflight import check_run
-    from minitron_megatron.distill.training import Trainer, TrainingDiverged
+    from minitron_megatron.distill.training import Trainer
     from minitron_megatron.runtime.distributed import LaunchEnv
 
     dtype = params_dtype(args)
@@ -135,13 +135,11 @@ def _run(args, *, student_path: str, teacher_path: str | None, kd) -> None:
     teacher = find_checkpoint(teacher_path) if teacher_path else None
     parallel = parallel_config(args)
     check_run(student=student, teacher=teacher, kd=kd, train=train, parallel=parallel,
-              world_size=LaunchEnv.from_environ(os.environ).world_size, params_dtype=dtype)
+              world_size=LaunchEnv.from_environ(os.environ).world_size, params_dtype=dtype,
+              seq_length=data.seq_length)
     with run_distributed(parallel) as ps:
-        try:
-            result = Trainer(train=train, kd=kd, data=data, student=student, teacher=teacher,
-                             ps=ps, params_dtype=dtype, seed=args.seed).run()
-        except TrainingDiverged as err:
-            raise SystemExit(f"minitron {args.command}: error: {err}") from None
+        result = Trainer(train=train, kd=kd, data=data, student=student, teacher=teacher,
+                         ps=ps, params_dtype=dtype, seed=args.seed).run()
         if ps.rank == 0:  # one JSON summary line, like evaluate / importance / prune
             evals = [h for h in result.history if "val_loss" in h]
             summary = {"save": str(train.save), "iteration": result.state.iteration}

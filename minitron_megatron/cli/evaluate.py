@@ -29,16 +29,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from minitron_megatron.checkpoint import find_checkpoint
-    from minitron_megatron.evaluate import evaluate_checkpoint
+    from minitron_megatron.evaluate import EvalConfig, evaluate_checkpoint
+    from minitron_megatron.output_paths import check_output_file
 
     info = find_checkpoint(args.load)
+    if args.output_json:
+        check_output_file(args.output_json, "--output-json")
     data = data_config(args)
+    run = EvalConfig(num_samples=args.eval_samples, micro_batch_size=args.micro_batch_size)
     parallel = parallel_config(args)
     info.model_config.check_parallel(tensor_parallel=parallel.tensor_model_parallel_size,
                                      pipeline_parallel=parallel.pipeline_model_parallel_size)
+    info.model_config.check_seq_length(data.seq_length)
     with run_distributed(parallel) as ps:
-        result = evaluate_checkpoint(info, ps, data, num_samples=args.eval_samples,
-                                     micro_batch_size=args.micro_batch_size,
+        result = evaluate_checkpoint(info, ps, data, num_samples=run.num_samples,
+                                     micro_batch_size=run.micro_batch_size,
                                      params_dtype=DTYPES[args.params_dtype])
         if ps.rank == 0:
             line = json.dumps(result.to_dict())

@@ -15,6 +15,7 @@ from minitron_megatron.cli.common import (
     parallel_config,
     run_distributed,
 )
+from minitron_megatron.errors import UserError
 
 log = logging.getLogger("minitron")
 
@@ -41,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     from minitron_megatron.checkpoint import find_checkpoint
     from minitron_megatron.importance import ImportanceConfig, importance_checkpoint
+    from minitron_megatron.importance.config import CalibrationConfig
 
     info = find_checkpoint(args.load)
     config = ImportanceConfig(batch_agg=args.batch_agg, seq_agg=args.seq_agg,
@@ -49,16 +51,18 @@ def run(args: argparse.Namespace) -> None:
     config.check_model(info.model_config.num_layers)
     out = Path(args.save_scores)
     if out.is_dir() or not out.parent.is_dir():
-        raise ValueError(f"--save-scores {out} must be a file in an existing directory.")
-    if args.calib_samples <= 0:
-        raise ValueError(f"--calib-samples must be positive, got {args.calib_samples}.")
+        raise UserError(f"--save-scores {out} must be a file in an existing directory.")
+    calibration = CalibrationConfig(num_samples=args.calib_samples,
+                                    micro_batch_size=args.micro_batch_size)
     data = data_config(args)
     parallel = parallel_config(args)
     info.model_config.check_parallel(tensor_parallel=parallel.tensor_model_parallel_size,
                                      pipeline_parallel=parallel.pipeline_model_parallel_size)
+    info.model_config.check_seq_length(data.seq_length)
     with run_distributed(parallel) as ps:
-        scores = importance_checkpoint(info, ps, data, num_samples=args.calib_samples,
-                                       micro_batch_size=args.micro_batch_size, config=config,
+        scores = importance_checkpoint(info, ps, data, num_samples=calibration.num_samples,
+                                       micro_batch_size=calibration.micro_batch_size,
+                                       config=config,
                                        params_dtype=DTYPES[args.params_dtype])
         if ps.rank == 0:
             scores.save(out)

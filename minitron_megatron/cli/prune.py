@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--head-residual", action="store_true",
                    help="fold pruned query heads into kept ones (paper §2.3)")
     p.add_argument("--params-dtype", choices=DTYPES, default="fp32")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a --save directory that already holds files (atomically)")
     add_parallel_args(p)
     p.set_defaults(func=run)
 
@@ -56,9 +58,10 @@ def run(args: argparse.Namespace) -> None:
     info.model_config.check_parallel(**layout)
     check_same_model(scores.model_config, info)
     plan = make_plan(scores, targets)
-    check_prune_inputs(info, plan, args.save, **layout)
+    check_prune_inputs(info, plan, args.save, overwrite=args.overwrite, **layout)
     with run_distributed(parallel) as ps:
-        path = prune_checkpoint(info, plan, args.save, ps, params_dtype=DTYPES[args.params_dtype])
+        path = prune_checkpoint(info, plan, args.save, ps, params_dtype=DTYPES[args.params_dtype],
+                                overwrite=args.overwrite)
         if ps.rank == 0:
             print(json.dumps({"save": str(path), "source_parameters":
                               plan.source.num_parameters(), "parameters":

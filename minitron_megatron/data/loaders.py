@@ -8,13 +8,25 @@ broadcast.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
+
+from minitron_megatron.errors import MissingInputError, UserError
 
 SPLITS = ("train", "valid", "test")
+_SCAN_CHUNK = 1 << 26  # tokens per step of the token-id scan (128 MiB of uint16)
+
+
+def positive_int(flag: str, value: object, what: str) -> None:
+    """Config-time check of a count flag (``--eval-samples``, ``--micro-batch-size``, ...)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise UserError(f"{flag} must be a positive integer ({what}), got {value!r}.")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -38,16 +50,17 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if self.seq_length <= 0:
-            raise ValueError(f"seq-length must be positive, got {self.seq_length}.")
+            raise UserError(f"seq-length must be positive, got {self.seq_length}.")
         prefix = Path(self.data_path)
         missing = [str(prefix) + ext for ext in (".bin", ".idx")
                    if not Path(str(prefix) + ext).is_file()]
         if missing:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"dataset {self.data_path} not found ({', '.join(missing)} missing); create it "
                 f"with `minitron preprocess --input FILE --tokenizer T --output-prefix "
                 f"{self.data_path}`."
             )
+        check_bin_size(self.data_path)
 
 
 class _DatasetTokenizer:
@@ -59,12 +72,63 @@ class _DatasetTokenizer:
         self.unique_identifiers = {"class": "minitron", "eod": eod, "vocab_size": vocab_size}
 
 
+def _open_indexed(prefix: str):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    try:
+        return IndexedDataset(prefix)
+    except (ValueError, OSError, AssertionError) as err:
+        raise UserError(f"dataset {prefix}.idx cannot be read ({err}); it is truncated or not a "
+                        f"Megatron index: preprocess the data again.") from None
+
+
+def check_bin_size(prefix: str) -> None:
+    """The ``.bin`` holds every token its ``.idx`` points to (reads the index only)."""
+    index = _open_indexed(prefix).index
+    if not len(index.sequence_lengths):
+        return
+    expected = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * \
+        index.dtype_size
+    actual = os.path.getsize(f"{prefix}.bin")
+    if actual < expected:
+        raise UserError(f"dataset {prefix}.bin holds {actual} bytes but {prefix}.idx describes "
+                        f"{expected}: the .bin is truncated (or the two files come from "
+                        f"different runs); preprocess the data again.")
+
+
+def check_token_ids(prefix: str, padded_vocab_size: int) -> None:
+    """Every token id of the dataset indexes the model's (padded) vocabulary. Skipped when the
+    dataset's dtype cannot hold a larger id; otherwise a vectorised max/min over the ``.bin``,
+    split over the ranks when distributed (cost: ``docs/errors.md``)."""
+    dtype = np.dtype(_open_indexed(prefix).index.dtype)
+    if np.iinfo(dtype).max < padded_vocab_size and np.iinfo(dtype).min >= 0:
+        return
+    tokens = np.memmap(f"{prefix}.bin", dtype=dtype, mode="r")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    start, stop = len(tokens) * rank // world, len(tokens) * (rank + 1) // world
+    low, high = 0, -1
+    for i in range(start, stop, _SCAN_CHUNK):
+        chunk = tokens[i:min(i + _SCAN_CHUNK, stop)]
+        low, high = min(low, int(chunk.min())), max(high, int(chunk.max()))
+    if world > 1:
+        found: list = [None] * world
+        dist.all_gather_object(found, (low, high))
+        low, high = min(f[0] for f in found), max(f[1] for f in found)
+    if high >= padded_vocab_size or low < 0:
+        bad = high if high >= padded_vocab_size else low
+        raise UserError(f"dataset {prefix} holds token id {bad} but the model's vocabulary has "
+                        f"{padded_vocab_size} entries (ids 0..{padded_vocab_size - 1}): it was "
+                        f"tokenized for another model; preprocess it again with --tokenizer "
+                        f"<this checkpoint>.")
+
+
 def build_datasets(cfg: DataConfig, *, eod_id: int, vocab_size: int,
-                   num_samples: dict[str, int]):
+                   num_samples: dict[str, int], padded_vocab_size: int | None = None):
     """Megatron ``GPTDataset`` per split name in ``num_samples`` (collective when distributed).
 
-    Raises ``ValueError`` when a split cannot give that many distinct samples of the sequence
-    length (a split shorter than one sample included).
+    Raises ``UserError`` when a split cannot give that many distinct samples of the sequence
+    length (a split shorter than one sample included), or, given the model's
+    ``padded_vocab_size``, when a token id falls outside it.
     """
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
@@ -84,6 +148,8 @@ def build_datasets(cfg: DataConfig, *, eod_id: int, vocab_size: int,
         create_attention_mask=False,
         mmap_bin_files=True,
     )
+    if padded_vocab_size is not None:
+        check_token_ids(cfg.data_path, padded_vocab_size)
     sizes = [max(num_samples.get(name, 0), 1) if name in num_samples else 0 for name in SPLITS]
     _check_split_sizes(cfg, sizes)
     datasets = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
@@ -93,7 +159,7 @@ def build_datasets(cfg: DataConfig, *, eod_id: int, vocab_size: int,
             continue
         available = distinct_samples(dataset, cfg.seq_length)
         if num_samples[name] > available:
-            raise ValueError(
+            raise UserError(
                 f"the {name} split of {cfg.data_path} holds {available} distinct samples of "
                 f"{cfg.seq_length} tokens, fewer than the {num_samples[name]} requested; lower "
                 f"the sample count or seq-length, change --split, or preprocess more text."
@@ -103,17 +169,16 @@ def build_datasets(cfg: DataConfig, *, eod_id: int, vocab_size: int,
 
 
 def _check_split_sizes(cfg: DataConfig, sizes: list[int]) -> None:
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
     from megatron.core.datasets.utils import normalize
 
     shares = normalize([float(x) for x in cfg.split.split(",")])
-    n_docs = len(IndexedDataset(cfg.data_path).document_indices) - 1
+    n_docs = len(_open_indexed(cfg.data_path).document_indices) - 1
     begin = 0.0
     for name, share, size in zip(SPLITS, shares, sizes):
         end = begin + share
         if size and round(end * n_docs) <= round(begin * n_docs):
-            raise ValueError(f"the {name} split of {cfg.data_path} is empty ({n_docs} documents, "
-                             f"--split {cfg.split}); give it a larger share or more documents.")
+            raise UserError(f"the {name} split of {cfg.data_path} is empty ({n_docs} documents, "
+                            f"--split {cfg.split}); give it a larger share or more documents.")
         begin = end
 
 

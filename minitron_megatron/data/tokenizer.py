@@ -13,6 +13,8 @@ from typing import Literal
 
 import yaml
 
+from minitron_megatron.errors import MissingInputError, UserError
+
 TokenizerKind = Literal["sentencepiece", "huggingface"]
 _FILES = {"sentencepiece": "tokenizer.model", "huggingface": "tokenizer.json"}
 _META = "tokenizer.yaml"
@@ -88,7 +90,7 @@ class Tokenizer:
         checkpoint (its ``tokenizer/`` folder)."""
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"tokenizer {path} does not exist; pass a SentencePiece "
+            raise MissingInputError(f"tokenizer {path} does not exist; pass a SentencePiece "
                                     f".model, a tokenizer.json, or a checkpoint directory.")
         if path.is_dir():
             return cls._load_dir(path)
@@ -96,8 +98,8 @@ class Tokenizer:
             return cls.from_file(path, "sentencepiece")
         if path.suffix == ".json":
             return cls.from_file(path, "huggingface")
-        raise ValueError(f"cannot tell the tokenizer type of {path}: expected a SentencePiece "
-                         f".model or a Hugging Face tokenizer.json.")
+        raise UserError(f"cannot tell the tokenizer type of {path}: expected a SentencePiece "
+                        f".model or a Hugging Face tokenizer.json.")
 
     @classmethod
     def _load_dir(cls, directory: Path) -> Tokenizer:
@@ -115,7 +117,7 @@ class Tokenizer:
             info = None
         if info is not None and info.tokenizer_dir is not None:
             return cls._load_dir(info.tokenizer_dir)
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"no tokenizer in {directory}: expected tokenizer.model, tokenizer.json or a "
             f"checkpoint with a {TOKENIZER_DIR}/ folder; pass --tokenizer explicitly."
         )
@@ -131,8 +133,8 @@ class Tokenizer:
                        add_bos=bos >= 0)
         eod = next((i for t in _EOD_CANDIDATES if (i := probe.token_to_id(t)) is not None), None)
         if eod is None:
-            raise ValueError(f"{path} has none of the end-of-document tokens {_EOD_CANDIDATES}; "
-                             f"add one to the tokenizer.")
+            raise UserError(f"{path} has none of the end-of-document tokens {_EOD_CANDIDATES}; "
+                            f"add one to the tokenizer.")
         return cls(kind=kind, path=Path(path), eod_id=eod)
 
 

@@ -16,6 +16,7 @@ The teacher is never part of it.
 from __future__ import annotations
 
 import logging
+import pickle
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from minitron_megatron.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from minitron_megatron.checkpoint_manifest import explain_load_error, verify_files
 from minitron_megatron.config import ModelConfig
 from minitron_megatron.runtime.distributed import ParallelState
 
@@ -140,7 +142,11 @@ def load_training_checkpoint(
     layout) RNG states. Collective."""
     from megatron.core import dist_checkpointing
 
-    common = dist_checkpointing.load_common_state_dict(str(info.path))
+    verify_files(info.path)  # before reading common.pt (load_checkpoint's own check is cached)
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(info.path))
+    except pickle.UnpicklingError as err:
+        raise explain_load_error(err, info.path) from None
     if "train_state" not in common:
         raise CheckpointError(f"{info.path} is not a training checkpoint (no optimizer or "
                               f"scheduler state); pass it as --student to start a new run.")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from minitron_megatron.errors import UserError
+
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 
 
@@ -34,17 +36,17 @@ class KDConfig:
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
-            raise ValueError(f"--kd-temperature must be positive, got {self.temperature}.")
+            raise UserError(f"--kd-temperature must be positive, got {self.temperature}.")
         if not 0.0 <= self.ce_weight <= 1.0:
-            raise ValueError(f"--kd-alpha (the CE weight) must be in [0, 1], got {self.ce_weight}.")
+            raise UserError(f"--kd-alpha (the CE weight) must be in [0, 1], got {self.ce_weight}.")
         if self.top_k is not None and self.top_k <= 0:
-            raise ValueError(f"--kd-top-k must be positive, got {self.top_k}.")
+            raise UserError(f"--kd-top-k must be positive, got {self.top_k}.")
         if self.reverse and self.top_k:
-            raise ValueError("--kd-reverse with --kd-top-k is undefined (the reverse KL against "
-                             "a truncated teacher is infinite); drop one of them.")
+            raise UserError("--kd-reverse with --kd-top-k is undefined (the reverse KL against "
+                            "a truncated teacher is infinite); drop one of them.")
         pairs = tuple((int(s), int(t)) for s, t in self.intermediate_pairs)
         if any(s < 0 or t < 0 for s, t in pairs):
-            raise ValueError(f"--kd-intermediate layer indices must be ≥ 0, got {pairs}.")
+            raise UserError(f"--kd-intermediate layer indices must be ≥ 0, got {pairs}.")
         object.__setattr__(self, "intermediate_pairs", pairs)
 
     @property
@@ -60,15 +62,15 @@ class KDConfig:
         for item in text.split(","):
             parts = item.strip().split(":")
             if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-                raise ValueError(f"--kd-intermediate expects STUDENT:TEACHER layer pairs like "
-                                 f"'3:7,5:11' (0-based), got {text!r}.")
+                raise UserError(f"--kd-intermediate expects STUDENT:TEACHER layer pairs like "
+                                f"'3:7,5:11' (0-based), got {text!r}.")
             pairs.append((int(parts[0]), int(parts[1])))
         return tuple(pairs)
 
     def check_layers(self, student_layers: int, teacher_layers: int) -> None:
         for s, t in self.intermediate_pairs:
             if s >= student_layers or t >= teacher_layers:
-                raise ValueError(
+                raise UserError(
                     f"--kd-intermediate pair {s}:{t} is out of range: the student has "
                     f"{student_layers} layers (0..{student_layers - 1}) and the teacher "
                     f"{teacher_layers} (0..{teacher_layers - 1}).")
@@ -148,22 +150,22 @@ class TrainConfig:
                      "log_interval"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, "
-                                 f"got {value!r}.")
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer, "
+                                f"got {value!r}.")
         for name in ("eval_interval", "save_interval", "lr_warmup_iters", "exit_interval"):
             if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be ≥ 0.")
+                raise UserError(f"--{name.replace('_', '-')} must be ≥ 0.")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(f"need 0 ≤ --min-lr ≤ --lr and --lr > 0, got lr={self.lr}, "
-                             f"min_lr={self.min_lr}.")
+            raise UserError(f"need 0 ≤ --min-lr ≤ --lr and --lr > 0, got lr={self.lr}, "
+                            f"min_lr={self.min_lr}.")
         if self.lr_decay_style not in LR_DECAY_STYLES:
-            raise ValueError(f"--lr-decay-style must be one of {LR_DECAY_STYLES}, got "
-                             f"{self.lr_decay_style!r}.")
+            raise UserError(f"--lr-decay-style must be one of {LR_DECAY_STYLES}, got "
+                            f"{self.lr_decay_style!r}.")
         if self.lr_warmup_iters >= self.decay_iters and self.lr_decay_style != "constant":
-            raise ValueError(f"--lr-warmup-iters ({self.lr_warmup_iters}) must be smaller than "
-                             f"the decay steps ({self.decay_iters}).")
+            raise UserError(f"--lr-warmup-iters ({self.lr_warmup_iters}) must be smaller than "
+                            f"the decay steps ({self.decay_iters}).")
         if self.clip_grad < 0:
-            raise ValueError(f"--clip-grad must be ≥ 0, got {self.clip_grad}.")
+            raise UserError(f"--clip-grad must be ≥ 0, got {self.clip_grad}.")
         object.__setattr__(self, "save", Path(self.save))
         if self.load is not None:
             object.__setattr__(self, "load", Path(self.load))
@@ -176,7 +178,7 @@ class TrainConfig:
         """Micro-batches per step on each rank, with an actionable error when they don't fit."""
         per_step = self.micro_batch_size * dp_size
         if self.global_batch_size % per_step:
-            raise ValueError(
+            raise UserError(
                 f"--global-batch-size {self.global_batch_size} is not divisible by "
                 f"--micro-batch-size {self.micro_batch_size} × data-parallel size {dp_size} = "
                 f"{per_step}; choose a global batch that is a multiple of {per_step}.")

@@ -14,6 +14,8 @@ from minitron_megatron.config import ParallelConfig
 from minitron_megatron.distill.checkpointing import resumable_checkpoint
 from minitron_megatron.distill.config import KDConfig, TrainConfig
 from minitron_megatron.distill.progress import require_wandb
+from minitron_megatron.errors import UserError
+from minitron_megatron.output_paths import check_output_dir
 
 log = logging.getLogger("minitron.distill")
 
@@ -33,39 +35,43 @@ def tokenizer_fingerprint(info: CheckpointInfo) -> str | None:
 
 def check_run(*, student: CheckpointInfo, teacher: CheckpointInfo | None, kd: KDConfig | None,
               train: TrainConfig, parallel: ParallelConfig, world_size: int,
-              params_dtype: torch.dtype = torch.float32) -> None:
-    """Raise ``ValueError`` (or ``CheckpointError``) for the first problem found."""
+              params_dtype: torch.dtype = torch.float32,
+              seq_length: int | None = None) -> None:
+    """Raise a ``UserError`` (``CheckpointError`` included) for the first problem found."""
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    check_output_dir(train.save, "--save")
     for role, info in (("student", student), ("teacher", teacher)):
         if info is None:
             continue
         try:
             info.model_config.check_parallel(tensor_parallel=tp, pipeline_parallel=pp)
-        except ValueError as err:
-            raise ValueError(f"the {role} ({info.root}) cannot be laid out at TP={tp}, PP={pp}: "
-                             f"{err} Teacher and student share the layout, so it must suit "
-                             f"both.") from None
+        except UserError as err:
+            raise UserError(f"the {role} ({info.root}) cannot be laid out at TP={tp}, PP={pp}: "
+                            f"{err} Teacher and student share the layout, so it must suit "
+                            f"both.") from None
+        if seq_length is not None:
+            info.model_config.check_seq_length(seq_length)
     train.microbatches(parallel.data_parallel_size(world_size))
     if teacher is not None:
         _check_same_vocabulary(student, teacher)
         top_k = (kd or KDConfig()).top_k
         if top_k and top_k > teacher.model_config.padded_vocab_size:
-            raise ValueError(f"--kd-top-k {top_k} exceeds the vocabulary "
-                             f"({teacher.model_config.padded_vocab_size}); choose a smaller k.")
+            raise UserError(f"--kd-top-k {top_k} exceeds the vocabulary "
+                            f"({teacher.model_config.padded_vocab_size}); choose a smaller k.")
         (kd or KDConfig()).check_layers(student.model_config.num_layers,
                                         teacher.model_config.num_layers)
     resumable_checkpoint(train.load, student.model_config)
     if train.wandb_project:
         require_wandb()
     if train.use_distributed_optimizer and params_dtype == torch.float32:
-        raise ValueError("the distributed optimizer shards fp32 main weights of bf16/fp16 "
-                         "parameters; use --params-dtype bf16, or drop the distributed optimizer.")
+        raise UserError("the distributed optimizer shards fp32 main weights of bf16/fp16 "
+                        "parameters; use --params-dtype bf16, or drop the distributed optimizer.")
 
 
 def _check_same_vocabulary(student: CheckpointInfo, teacher: CheckpointInfo) -> None:
     s, t = student.model_config, teacher.model_config
     if (s.vocab_size, s.padded_vocab_size) != (t.vocab_size, t.padded_vocab_size):
-        raise ValueError(
+        raise UserError(
             f"teacher and student vocabularies differ (teacher {t.vocab_size} tokens padded to "
             f"{t.padded_vocab_size}, student {s.vocab_size} padded to {s.padded_vocab_size}): "
             f"the KD loss compares distributions over the same token ids. Derive the student "
@@ -75,7 +81,7 @@ def _check_same_vocabulary(student: CheckpointInfo, teacher: CheckpointInfo) -> 
         log.warning("cannot compare tokenizers: %s carries none; make sure both models use the "
                     "same one", student.root if fingerprints[0] is None else teacher.root)
     elif fingerprints[0] != fingerprints[1]:
-        raise ValueError(
+        raise UserError(
             f"teacher and student tokenizers differ ({teacher.tokenizer_dir} vs "
             f"{student.tokenizer_dir}): the same token id must mean the same text for the KD "
             f"loss to make sense. Derive the student from the teacher, or re-create it with the "

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from minitron_megatron.checkpoint import write_text_atomic
+from minitron_megatron.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -22,9 +23,9 @@ log = logging.getLogger("minitron.distill")
 def require_wandb() -> None:
     """Fail before any work when ``--wandb-project`` is given but wandb is not installed."""
     if importlib.util.find_spec("wandb") is None:
-        raise ValueError("--wandb-project needs the wandb package: pip install "
-                         "'minitron-megatron[wandb]' (with WANDB_MODE=offline it logs without "
-                         "network), or drop --wandb-project.")
+        raise UserError("--wandb-project needs the wandb package: pip install "
+                        "'minitron-megatron[wandb]' (with WANDB_MODE=offline it logs without "
+                        "network), or drop --wandb-project.")
 
 
 class Progress:

@@ -40,14 +40,15 @@ from minitron_megatron.distill.config import KDConfig, TrainConfig
 from minitron_megatron.distill.model import DistillationModel
 from minitron_megatron.distill.progress import Progress
 from minitron_megatron.distill.schedule import forward_backward, train_sample_ids
+from minitron_megatron.errors import NonFiniteResultError, UserError
 from minitron_megatron.evaluate import eod_id_of
 from minitron_megatron.model.build import build_model
 from minitron_megatron.runtime.distributed import ParallelState
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss or the gradient norm became NaN/inf; nothing was saved after the last good
-    checkpoint."""
+class TrainingDiverged(NonFiniteResultError):
+    """The loss, the gradient norm or the validation loss became NaN/inf; nothing was saved
+    after the last good checkpoint (the CLI prints it as one line, exit 2)."""
 
 
 @dataclass
@@ -146,14 +147,15 @@ class Trainer:
             needed["valid"] = t.eval_iters * t.global_batch_size
         try:
             return build_datasets(self.data, eod_id=eod_id_of(info),
-                                  vocab_size=info.model_config.vocab_size, num_samples=needed)
-        except ValueError as err:
+                                  vocab_size=info.model_config.vocab_size, num_samples=needed,
+                                  padded_vocab_size=info.model_config.padded_vocab_size)
+        except UserError as err:
             want = f"--train-iters × --global-batch-size = {needed['train']} training samples"
             if "valid" in needed:
                 want += (f" and --eval-iters × --global-batch-size = {needed['valid']} "
                          f"validation samples")
-            raise ValueError(f"{err} (this run needs {want} of --seq-length "
-                             f"{self.data.seq_length} tokens)") from None
+            raise UserError(f"{err} (this run needs {want} of --seq-length "
+                            f"{self.data.seq_length} tokens)") from None
 
     # ------------------------------------------------------------------ steps
     def train_step(self) -> dict[str, float]:
@@ -205,6 +207,8 @@ class Trainer:
                                     micro_batch_size=t.micro_batch_size, forward_only=True)
         self.ddp.train()
         result = {"val_loss": sums["ce_loss"] / sums["tokens"]}
+        if not math.isfinite(result["val_loss"]):
+            self._diverged(self.state.iteration, f"the validation loss is {result['val_loss']}")
         result["val_ppl"] = math.exp(min(result["val_loss"], 700.0))
         if self.kd is not None:
             result["val_kd_loss"] = sums["kd_loss"] / sums["tokens"]
@@ -274,10 +278,15 @@ class Trainer:
     def _diverged(self, iteration: int, what: str) -> None:
         from minitron_megatron.checkpoint import latest_iteration
 
+        if iteration == 0:  # before any step: the starting model itself gives NaN/inf
+            raise TrainingDiverged(
+                f"training stopped before its first step: {what} on the starting model "
+                f"({self.student_info.path}); its weights are corrupt or diverged: check it with "
+                f"`minitron evaluate`, or start from another checkpoint.")
         saved = latest_iteration(self.train_cfg.save) if self.train_cfg.save.exists() else None
         where = (f"the last good checkpoint is iteration {saved} in {self.train_cfg.save}; "
                  f"resume from it with --load {self.train_cfg.save}" if saved is not None
-                 else "no checkpoint was saved")
+                 else "no checkpoint was saved; start again")
         raise TrainingDiverged(
             f"training stopped at iteration {iteration}: {what}. Nothing was saved after it; "
             f"{where} after lowering --lr (or raising --lr-warmup-iters, or --clip-grad) or "

@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from minitron_megatron.errors import UserError
+
 Aggregation = Literal["l2", "mean", "var"]
 FfnHook = Literal["fc2-input", "fc1-output"]
 
@@ -21,11 +23,28 @@ def parse_depth_metric(name: str) -> tuple[str, int]:
         return name, 1
     match = _BLOCK.match(name)
     if match is None or int(match.group(1)) < 1:
-        raise ValueError(
+        raise UserError(
             f"depth metric {name!r} is not one of bi, loss, block:K (K ≥ 1 contiguous layers), "
             f"e.g. --depth-metrics bi,loss,block:2."
         )
     return "block", int(match.group(1))
+
+
+@dataclass(kw_only=True, frozen=True)
+class CalibrationConfig:
+    """How much calibration data an importance pass reads and how it is batched."""
+
+    num_samples: int
+    """Calibration samples from the train split (``--calib-samples``), split over DP ranks."""
+
+    micro_batch_size: int = 1
+    """Samples per forward pass on one rank (``--micro-batch-size``)."""
+
+    def __post_init__(self) -> None:
+        from minitron_megatron.data.loaders import positive_int
+
+        positive_int("--calib-samples", self.num_samples, "the number of calibration samples")
+        positive_int("--micro-batch-size", self.micro_batch_size, "samples per forward pass")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -54,20 +73,20 @@ class ImportanceConfig:
                                      ("seq_agg", self.seq_agg, AGGREGATIONS),
                                      ("ffn_hook", self.ffn_hook, FFN_HOOKS)):
             if value not in allowed:
-                raise ValueError(f"{name}={value!r} is not one of {', '.join(allowed)}.")
+                raise UserError(f"{name}={value!r} is not one of {', '.join(allowed)}.")
         metrics = tuple(self.depth_metrics)
         object.__setattr__(self, "depth_metrics", metrics)
         for metric in metrics:
             parse_depth_metric(metric)
         if len(set(metrics)) != len(metrics):
-            raise ValueError(f"depth metrics {metrics} name one metric twice.")
+            raise UserError(f"depth metrics {metrics} name one metric twice.")
 
     def check_model(self, num_layers: int) -> None:
         """Raise an actionable error if a ``block:K`` metric does not fit ``num_layers``."""
         for metric in self.depth_metrics:
             kind, k = parse_depth_metric(metric)
             if kind == "block" and k >= num_layers:
-                raise ValueError(
+                raise UserError(
                     f"depth metric {metric} removes {k} contiguous layers but the model has "
                     f"only {num_layers}; choose K < {num_layers}."
                 )

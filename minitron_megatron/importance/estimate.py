@@ -14,13 +14,19 @@ Cross-rank reduction, so that every rank returns the same global ``Scores``:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import torch
 
 from minitron_megatron.config import ModelConfig
 from minitron_megatron.data.loaders import micro_batches, shard_for_data_parallel
-from minitron_megatron.importance.config import ImportanceConfig, parse_depth_metric
+from minitron_megatron.errors import NonFiniteResultError, UserError
+from minitron_megatron.importance.config import (
+    CalibrationConfig,
+    ImportanceConfig,
+    parse_depth_metric,
+)
 from minitron_megatron.importance.depth import masked_loss_sum, reduce_loss, skip_loss_increase
 from minitron_megatron.importance.hooks import ActivationRecorder
 from minitron_megatron.importance.scores import Scores
@@ -84,9 +90,10 @@ def estimate_importance(
     """
     config = config or ImportanceConfig()
     config.check_model(model_config.num_layers)
+    CalibrationConfig(num_samples=num_samples, micro_batch_size=micro_batch_size)
     if num_samples < ps.dp_size:
-        raise ValueError(f"{num_samples} calibration samples cannot be split over "
-                         f"{ps.dp_size} data-parallel ranks; use at least {ps.dp_size}.")
+        raise UserError(f"{num_samples} calibration samples cannot be split over "
+                        f"{ps.dp_size} data-parallel ranks; use at least {ps.dp_size}.")
     ids = shard_for_data_parallel(num_samples, ps.dp_rank, ps.dp_size)
     batches = list(micro_batches(dataset, ids, micro_batch_size))
     run = dict(seq_length=seq_length, micro_batch_size=micro_batch_size)
@@ -97,6 +104,11 @@ def estimate_importance(
         sums = pipeline_forward(model, ps, batches, on_output=masked_loss_sum,
                                 with_labels=True, **run)
     base_loss = reduce_loss(sums, ps)
+    if not math.isfinite(base_loss):
+        raise NonFiniteResultError(
+            f"the calibration loss is {base_loss}: the model's outputs are not finite, so no "
+            f"score would mean anything. Its weights are probably corrupt or diverged (or a "
+            f"half-precision --params-dtype overflows); re-create the checkpoint or use fp32.")
     full = _collect_stages(recorder.finalize(), model_config, ps)
 
     depth: dict[str, torch.Tensor] = {}
@@ -136,8 +148,11 @@ def importance_checkpoint(
     cfg = info.model_config
     config = config or ImportanceConfig()
     config.check_model(cfg.num_layers)
+    CalibrationConfig(num_samples=num_samples, micro_batch_size=micro_batch_size)
+    cfg.check_seq_length(data.seq_length)
     datasets = build_datasets(data, eod_id=eod_id_of(info), vocab_size=cfg.vocab_size,
-                              num_samples={"train": num_samples})
+                              num_samples={"train": num_samples},
+                              padded_vocab_size=cfg.padded_vocab_size)
     model = build_model(cfg, ps, params_dtype=params_dtype, init_weights=False)
     load_checkpoint(info, model=model)
     return estimate_importance(model, ps, datasets["train"], model_config=cfg,

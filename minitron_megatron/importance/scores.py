@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from minitron_megatron.config import ModelConfig
+from minitron_megatron.errors import MissingInputError, UserError
 from minitron_megatron.importance.config import ImportanceConfig
 
 FORMAT = "minitron-importance/1"
@@ -63,8 +64,8 @@ class Scores:
                   "hidden_norms": (cfg.num_layers, 2, cfg.hidden_size)}
         for name, shape in shapes.items():
             if tuple(getattr(self, name).shape) != shape:
-                raise ValueError(f"scores {name} has shape {tuple(getattr(self, name).shape)}, "
-                                 f"expected {shape} for the model config it names.")
+                raise UserError(f"scores {name} has shape {tuple(getattr(self, name).shape)}, "
+                                f"expected {shape} for the model config it names.")
 
     @property
     def hidden(self) -> torch.Tensor:
@@ -101,18 +102,18 @@ class Scores:
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"scores file {path} does not exist; create it with "
+            raise MissingInputError(f"scores file {path} does not exist; create it with "
                                     f"`minitron importance --load CKPT ... --save-scores {path}`.")
         try:
             with safe_open(str(path), framework="pt") as handle:
                 meta = handle.metadata() or {}
                 tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         except (SafetensorError, OSError, ValueError) as err:
-            raise ValueError(f"{path} is not a scores file ({err}); recreate it with "
-                             f"`minitron importance`.") from None
+            raise UserError(f"{path} is not a scores file ({err}); recreate it with "
+                            f"`minitron importance`.") from None
         if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a {FORMAT} scores file (format "
-                             f"{meta.get('format')!r}); recreate it with `minitron importance`.")
+            raise UserError(f"{path} is not a {FORMAT} scores file (format "
+                            f"{meta.get('format')!r}); recreate it with `minitron importance`.")
         return cls(
             model_config=ModelConfig.from_dict(json.loads(meta["model_config"])),
             settings=ImportanceConfig.from_dict(json.loads(meta["settings"])),

@@ -21,10 +21,16 @@ import torch
 from minitron_megatron.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from minitron_megatron.config import ModelConfig
 from minitron_megatron.data.tokenizer import Tokenizer
+from minitron_megatron.errors import MissingInputError, UserError
 from minitron_megatron.model.build import build_model
 from minitron_megatron.model.gguf import GGUFSource
 from minitron_megatron.model.hf import hf_config_for, read_hf_directory, write_hf_directory
 from minitron_megatron.model.llama_weights import hf_to_megatron, megatron_to_hf
+from minitron_megatron.output_paths import (
+    check_output_dir,
+    check_replaceable,
+    replacing_directory,
+)
 from minitron_megatron.runtime.distributed import ParallelState
 
 log = logging.getLogger(__name__)
@@ -32,20 +38,20 @@ log = logging.getLogger(__name__)
 
 def _require_single_process(ps: ParallelState, command: str) -> None:
     if ps.world_size != 1:
-        raise ValueError(f"{command} runs on one process (its checkpoint loads at any layout "
-                         f"afterwards); launch it with python, not torchrun.")
+        raise UserError(f"{command} runs on one process (its checkpoint loads at any layout "
+                        f"afterwards); launch it with python, not torchrun.")
 
 
 def open_source(path: str | Path):
     """``(ModelConfig, tensor reader, GGUFSource | None)`` for an HF directory or a .gguf file."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; pass a Hugging Face model directory "
+        raise MissingInputError(f"{path} does not exist; pass a Hugging Face model directory "
                                 f"(config.json + *.safetensors) or a .gguf file.")
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ValueError(f"{path} is a file but not a .gguf; pass a .gguf file or a Hugging "
-                             f"Face model directory.")
+            raise UserError(f"{path} is a file but not a .gguf; pass a .gguf file or a Hugging "
+                            f"Face model directory.")
         source = GGUFSource(path)
         return source.model_config(), source, source
     cfg, source = read_hf_directory(path)
@@ -62,7 +68,7 @@ def _tokenizer_for(path: Path, gguf: GGUFSource | None, override: str | None,
                          add_bos=bos is not None)
     try:
         return Tokenizer.load(path)
-    except (FileNotFoundError, ValueError):
+    except UserError:
         log.warning("no tokenizer found in %s; the checkpoint will carry none (pass --tokenizer "
                     "to preprocess data for it).", path)
         return None
@@ -78,26 +84,27 @@ def import_model(
 ) -> ModelConfig:
     """Convert a Llama-family model to a minitron checkpoint at ``save``; returns its config."""
     _require_single_process(ps, "import-hf")
+    check_output_dir(save, "--save")
     cfg, read, gguf = open_source(source_path)
     with tempfile.TemporaryDirectory() as staging:
         tok = _tokenizer_for(Path(source_path), gguf, tokenizer, Path(staging) / "raw")
         if tok is not None and tok.vocab_size > cfg.vocab_size:
-            raise ValueError(f"tokenizer has {tok.vocab_size} tokens but the model only "
-                             f"{cfg.vocab_size}; pass the model's own tokenizer.")
+            raise UserError(f"tokenizer has {tok.vocab_size} tokens but the model only "
+                            f"{cfg.vocab_size}; pass the model's own tokenizer.")
         model = build_model(cfg, ps, params_dtype=params_dtype, init_weights=False, spec="local")
         params = model.state_dict(keep_vars=True)
         filled = set()
         with torch.no_grad():
             for name, tensor in hf_to_megatron(cfg, read):
                 if params[name].shape != tensor.shape:
-                    raise ValueError(f"{name}: source shape {tuple(tensor.shape)} does not match "
-                                     f"the config's {tuple(params[name].shape)}; the model's "
-                                     f"config.json and weights disagree.")
+                    raise UserError(f"{name}: source shape {tuple(tensor.shape)} does not match "
+                                    f"the config's {tuple(params[name].shape)}; the model's "
+                                    f"config.json and weights disagree.")
                 params[name].copy_(tensor)
                 filled.add(name)
         missing = [n for n in params if n not in filled and not n.endswith("_extra_state")]
         if missing:
-            raise ValueError(f"no source tensor for {missing[:5]}")
+            raise UserError(f"no source tensor for {missing[:5]}")
         tok_dir = tok.save(Path(staging) / "tokenizer") if tok is not None else None
         save_checkpoint(save, model=model, model_config=cfg, iteration=0, tokenizer_dir=tok_dir,
                         files={"source.txt": f"imported from {Path(source_path).resolve()}\n"})
@@ -110,9 +117,14 @@ def export_model(
     ps: ParallelState,
     *,
     dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
 ) -> Path:
-    """Write a minitron checkpoint as a Hugging Face directory ``transformers`` loads."""
+    """Write a minitron checkpoint as a Hugging Face directory ``transformers`` loads.
+
+    ``save`` must be new or empty unless ``overwrite``; it is written in a staging directory
+    and renamed into place, so it never mixes old and new files nor holds a partial export."""
     _require_single_process(ps, "export-hf")
+    check_replaceable(save, "--save", overwrite=overwrite)
     info = find_checkpoint(load)
     cfg = info.model_config
     tok = Tokenizer.load(info.tokenizer_dir) if info.tokenizer_dir is not None else None
@@ -121,11 +133,12 @@ def export_model(
     model = build_model(cfg, ps, init_weights=False, spec="local")
     load_checkpoint(info, model=model)
     state = model.state_dict()
-    save = Path(save)
-    write_hf_directory(save, hf_config, megatron_to_hf(cfg, state.__getitem__), dtype=dtype)
-    if tok is not None:
-        _write_hf_tokenizer(tok, save)
-    return save
+    with replacing_directory(save) as staging:
+        write_hf_directory(staging, hf_config, megatron_to_hf(cfg, state.__getitem__),
+                           dtype=dtype)
+        if tok is not None:
+            _write_hf_tokenizer(tok, staging)
+    return Path(save)
 
 
 def _write_hf_tokenizer(tok: Tokenizer, directory: Path) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from minitron_megatron.config import ModelConfig
+from minitron_megatron.errors import UserError
 from minitron_megatron.model.hf import UnsupportedModelError, _unsupported
 from minitron_megatron.model.llama_weights import unpermute_gguf_rope
 
@@ -51,8 +52,8 @@ class GGUFSource:
         try:
             self._reader = gguf.GGUFReader(str(self.path))
         except (ValueError, OSError, IndexError, KeyError) as err:
-            raise ValueError(f"{self.path} is not a readable GGUF file ({err}); it may be "
-                             f"truncated or corrupt: copy it again.") from None
+            raise UserError(f"{self.path} is not a readable GGUF file ({err}); it may be "
+                            f"truncated or corrupt: copy it again.") from None
         arch = self.field("general.architecture")
         if arch != "llama":
             raise UnsupportedModelError(
@@ -98,11 +99,11 @@ class GGUFSource:
 
         tensor = self._tensors.get(name)
         if tensor is None:
-            raise KeyError(f"tensor {name} missing from {self.path}")
+            raise UserError(f"tensor {name} missing from {self.path}")
         try:
             data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         except (ValueError, NotImplementedError) as err:
-            raise ValueError(f"cannot dequantize {tensor.name} ({err})") from None
+            raise UserError(f"cannot dequantize {tensor.name} ({err})") from None
         shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
         weight = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32).reshape(shape))
         cfg_heads = int(self.field("llama.attention.head_count"))

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from minitron_megatron.config import ModelConfig
+from minitron_megatron.errors import MissingInputError, UserError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                            "NemotronForCausalLM")
@@ -26,7 +27,7 @@ _LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError):
     """The model cannot be converted; the message lists what can."""
 
 
@@ -156,7 +157,7 @@ class SafetensorsSource:
 
         files = sorted(directory.glob("*.safetensors"))
         if not files:
-            raise FileNotFoundError(f"no *.safetensors in {directory}; export the model with "
+            raise MissingInputError(f"no *.safetensors in {directory}; export the model with "
                                     f"`save_pretrained(..., safe_serialization=True)`.")
         self._handles, self._where = [], {}
         for file in files:
@@ -166,14 +167,14 @@ class SafetensorsSource:
                     self._where[name] = handle
                 _check_sizes(file, handle)
             except (SafetensorError, OSError, ValueError) as err:
-                raise ValueError(f"{file} is corrupt or truncated ({err}); download or copy it "
-                                 f"again.") from None
+                raise UserError(f"{file} is corrupt or truncated ({err}); download or copy it "
+                                f"again.") from None
             self._handles.append(handle)
 
     def __call__(self, name: str) -> torch.Tensor:
         if name not in self._where:
-            raise KeyError(f"tensor {name} missing from the safetensors files; is the checkpoint "
-                           f"complete?")
+            raise UserError(f"tensor {name} missing from the safetensors files; is the checkpoint "
+                            f"complete?")
         return self._where[name].get_tensor(name).float()
 
     def keys(self) -> Iterable[str]:
@@ -182,8 +183,9 @@ class SafetensorsSource:
 
 def _check_sizes(file: Path, handle: Any) -> None:
     """safetensors validates the header only; compare the data length it declares with the file."""
-    header_len = int.from_bytes(file.open("rb").read(8), "little")
-    header = json.loads(file.open("rb").read(8 + header_len)[8:])
+    with file.open("rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(header_len))
     end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     if file.stat().st_size < 8 + header_len + end:
         raise ValueError(f"file has {file.stat().st_size} bytes, header declares "
@@ -195,7 +197,7 @@ def read_hf_directory(directory: str | Path) -> tuple[ModelConfig, SafetensorsSo
     directory = Path(directory)
     config_file = directory / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{directory} has no config.json; pass a Hugging Face model "
+        raise MissingInputError(f"{directory} has no config.json; pass a Hugging Face model "
                                 f"directory (config.json + *.safetensors) or a .gguf file.")
     cfg = config_from_hf(json.loads(config_file.read_text()))
     return cfg, SafetensorsSource(directory)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from minitron_megatron.config import ModelConfig
+from minitron_megatron.errors import UserError
 
 Tensors = Callable[[str], torch.Tensor]
 
@@ -40,8 +41,8 @@ def split_qkv(cfg: ModelConfig, qkv: torch.Tensor):
 def pad_vocab(cfg: ModelConfig, weight: torch.Tensor) -> torch.Tensor:
     extra = cfg.padded_vocab_size - weight.shape[0]
     if extra < 0:
-        raise ValueError(f"embedding has {weight.shape[0]} rows, more than padded_vocab_size "
-                         f"{cfg.padded_vocab_size}.")
+        raise UserError(f"embedding has {weight.shape[0]} rows, more than padded_vocab_size "
+                        f"{cfg.padded_vocab_size}.")
     return torch.cat([weight, weight.new_zeros(extra, *weight.shape[1:])]) if extra else weight
 
 

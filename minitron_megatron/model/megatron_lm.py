@@ -27,8 +27,11 @@ from minitron_megatron.checkpoint import (
     iteration_dir,
     latest_iteration,
 )
+from minitron_megatron.checkpoint_manifest import MANIFEST_FILE, untrusted_reason
 from minitron_megatron.config import ModelConfig
 from minitron_megatron.data.tokenizer import Tokenizer
+from minitron_megatron.errors import CorruptCheckpointError, UserError
+from minitron_megatron.output_paths import check_output_dir
 
 
 def config_from_megatron_args(args: Namespace | dict[str, Any]) -> ModelConfig:
@@ -86,13 +89,24 @@ def _saved_args(iter_dir: Path) -> Namespace:
     from megatron.core import dist_checkpointing
     from megatron.core.safe_globals import register_safe_globals
 
-    if not dist_checkpointing.check_is_distributed_checkpoint(str(iter_dir)):
+    try:
+        is_dist = dist_checkpointing.check_is_distributed_checkpoint(str(iter_dir))
+    except (TypeError, ValueError) as err:  # a metadata.json that is not a checkpoint config
+        raise CorruptCheckpointError(
+            f"{iter_dir}/metadata.json is not a dist_checkpointing config ({err}); the "
+            f"checkpoint is damaged or was not written by Megatron: re-create it.") from None
+    if not is_dist:
         raise CheckpointError(f"{iter_dir} is not a torch_dist checkpoint (no metadata.json).")
     register_safe_globals()
     try:
         state = dist_checkpointing.load_common_state_dict(str(iter_dir))
-    except (pickle.UnpicklingError, RuntimeError) as err:
-        raise CheckpointError(f"cannot read the training args from {iter_dir} safely ({err}); "
+    except pickle.UnpicklingError as err:  # its message would advise weights_only=False
+        raise CorruptCheckpointError(
+            f"{iter_dir} is not a trusted checkpoint: a safe load refused its common state "
+            f"({untrusted_reason(err)}); do not load it, re-create it from a source you "
+            f"trust.") from None
+    except RuntimeError as err:
+        raise CheckpointError(f"cannot read the training args from {iter_dir} ({err}); "
                               f"pass --model-config with a ModelConfig YAML.") from None
     if "args" not in state:
         raise CheckpointError(f"{iter_dir} holds no training args; pass --model-config.")
@@ -108,6 +122,7 @@ def adopt_megatron_checkpoint(
 ) -> ModelConfig:
     """Write ``save`` as a minitron checkpoint whose tensors are ``load``'s (linked, not copied)."""
     load, save = Path(load), Path(save)
+    check_output_dir(save, "--save")
     if not load.is_dir():
         raise CheckpointError(f"Megatron-LM checkpoint {load} does not exist or is not a "
                               f"directory.")
@@ -123,13 +138,16 @@ def adopt_megatron_checkpoint(
     cfg = model_config or config_from_megatron_args(_saved_args(source))
     tok = Tokenizer.load(tokenizer) if tokenizer is not None else None
     if tok is not None and tok.vocab_size > cfg.padded_vocab_size:
-        raise ValueError(f"tokenizer has {tok.vocab_size} tokens, more than the model's "
-                         f"{cfg.padded_vocab_size}; pass the tokenizer the model was trained with.")
+        raise UserError(f"tokenizer has {tok.vocab_size} tokens, more than the model's "
+                        f"{cfg.padded_vocab_size}; pass the tokenizer the model was trained with.")
     save.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=save, prefix=".adopt-") as tmp:
         staged = Path(tmp) / source.name
         staged.mkdir()
         for item in source.iterdir():
+            ours = (MANIFEST_FILE, MODEL_CONFIG_FILE) + ((TOKENIZER_DIR,) if tok else ())
+            if item.name in ours:  # written here, never through a link into the source
+                continue
             os.symlink(item.resolve(), staged / item.name)
         cfg.save(staged / MODEL_CONFIG_FILE)
         if tok is not None:

@@ -19,6 +19,12 @@ import torch
 import torch.distributed as dist
 
 from minitron_megatron.config import ModelConfig
+from minitron_megatron.errors import UserError
+from minitron_megatron.output_paths import (
+    check_output_dir,
+    check_replaceable,
+    replacing_directory,
+)
 from minitron_megatron.pruning.layout import (
     recv_tensors,
     send_tensors,
@@ -163,36 +169,41 @@ def check_same_model(scored: ModelConfig, info) -> None:
     if scored != info.model_config:
         diff = {k: (v, getattr(scored, k)) for k, v in info.model_config.to_dict().items()
                 if getattr(scored, k) != v}
-        raise ValueError(f"the scores were computed on another model (checkpoint vs scores: "
-                         f"{diff}); run `minitron importance --load {info.root}` first.")
+        raise UserError(f"the scores were computed on another model (checkpoint vs scores: "
+                        f"{diff}); run `minitron importance --load {info.root}` first.")
 
 
 def check_prune_inputs(info, plan: PrunePlan, save: str | Path, *, tensor_parallel: int,
-                       pipeline_parallel: int) -> None:
+                       pipeline_parallel: int, overwrite: bool = False) -> None:
     """Everything that can be checked before loading a tensor, with actionable errors."""
     check_same_model(plan.source, info)
     check_layout(plan.target, tensor_parallel=tensor_parallel,
                  pipeline_parallel=pipeline_parallel)
     save = Path(save)
-    if save.exists() and not save.is_dir():
-        raise ValueError(f"--save {save} is a file; pass a directory for the pruned checkpoint.")
+    check_output_dir(save, "--save")
     if save.resolve() in (Path(info.root).resolve(), Path(info.path).resolve()):
-        raise ValueError(f"--save {save} is the checkpoint being pruned; write the pruned model "
-                         f"to a new directory.")
+        raise UserError(f"--save {save} is the checkpoint being pruned; write the pruned model "
+                        f"to a new directory.")
+    check_replaceable(save, "--save", overwrite=overwrite)
 
 
 def prune_checkpoint(info, plan: PrunePlan, save: str | Path, ps: ParallelState, *,
-                     params_dtype: torch.dtype = torch.float32) -> Path:
+                     params_dtype: torch.dtype = torch.float32, overwrite: bool = False) -> Path:
     """Load checkpoint ``info`` at this layout, prune it by ``plan`` and save it at its new shape
-    (with its new ``ModelConfig`` and the plan inside). Returns the iteration directory."""
-    from minitron_megatron.checkpoint import load_checkpoint, save_checkpoint
+    (with its new ``ModelConfig`` and the plan inside). Returns the iteration directory.
+
+    ``save`` must be new or empty unless ``overwrite``; the checkpoint is written in a staging
+    directory and renamed into place, so ``save`` never mixes it with what was there."""
+    from minitron_megatron.checkpoint import iteration_dir, load_checkpoint, save_checkpoint
     from minitron_megatron.model.build import build_model
 
     check_prune_inputs(info, plan, save, tensor_parallel=ps.tp_size,
-                       pipeline_parallel=ps.pp_size)
+                       pipeline_parallel=ps.pp_size, overwrite=overwrite)
     model = build_model(info.model_config, ps, params_dtype=params_dtype, init_weights=False)
     load_checkpoint(info, model=model)
     pruned, cfg = apply_plan(model, plan, ps, release_source=True)
     del model
-    return save_checkpoint(save, model=pruned, model_config=cfg, iteration=0,
-                           tokenizer_dir=info.tokenizer_dir, files={PLAN_FILE: plan.to_json()})
+    with replacing_directory(save) as staging:
+        save_checkpoint(staging, model=pruned, model_config=cfg, iteration=0,
+                        tokenizer_dir=info.tokenizer_dir, files={PLAN_FILE: plan.to_json()})
+    return iteration_dir(save, 0)

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from minitron_megatron.config import ModelConfig
+from minitron_megatron.errors import UserError
 from minitron_megatron.importance.scores import Scores
 from minitron_megatron.pruning.targets import PruneTargets
 
@@ -86,9 +87,9 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[int, ...]:
 def _depth_scores(scores: Scores, name: str, cli_metric: str) -> torch.Tensor:
     if name not in scores.depth:
         have = ", ".join(sorted(scores.depth)) or "none"
-        raise ValueError(f"the scores file has no {name!r} depth scores (it has: {have}); "
-                         f"recompute with `minitron importance ... --depth-metrics {cli_metric}` "
-                         f"or choose another --depth-method.")
+        raise UserError(f"the scores file has no {name!r} depth scores (it has: {have}); "
+                        f"recompute with `minitron importance ... --depth-metrics {cli_metric}` "
+                        f"or choose another --depth-method.")
     return scores.depth[name]
 
 

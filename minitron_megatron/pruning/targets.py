@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from minitron_megatron.config import ModelConfig
+from minitron_megatron.errors import UserError
 
 DepthMethod = Literal["bi", "loss", "block"]
 DEPTH_METHODS = ("bi", "loss", "block")
@@ -53,36 +54,36 @@ class PruneTargets:
         for name, (_, flag) in _AXES.items():
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
-                raise ValueError(f"{flag} {value} must be a positive integer (pruning an axis "
-                                 f"to zero would remove it entirely).")
+                raise UserError(f"{flag} {value} must be a positive integer (pruning an axis "
+                                f"to zero would remove it entirely).")
         if self.depth_method not in DEPTH_METHODS:
-            raise ValueError(f"--depth-method {self.depth_method!r} is not one of "
-                             f"{', '.join(DEPTH_METHODS)}.")
+            raise UserError(f"--depth-method {self.depth_method!r} is not one of "
+                            f"{', '.join(DEPTH_METHODS)}.")
         if self.drop_layers is not None:
             drop = tuple(self.drop_layers)
             object.__setattr__(self, "drop_layers", drop)
             if len(set(drop)) != len(drop):
-                raise ValueError(f"--drop-layers {','.join(map(str, drop))} names a layer twice.")
+                raise UserError(f"--drop-layers {','.join(map(str, drop))} names a layer twice.")
 
     def target_config(self, source: ModelConfig) -> ModelConfig:
         """The pruned model's config, or an actionable ``ValueError``."""
         for name, (field, flag) in _AXES.items():
             value, current = getattr(self, name), getattr(source, field)
             if value is not None and value > current:
-                raise ValueError(f"{flag} {value} is larger than the model's {field}={current}; "
-                                 f"pruning only removes units: choose at most {current}.")
+                raise UserError(f"{flag} {value} is larger than the model's {field}={current}; "
+                                f"pruning only removes units: choose at most {current}.")
         layers = source.num_layers
         if self.drop_layers is not None:
             outside = [i for i in self.drop_layers if not 0 <= i < layers]
             if outside:
-                raise ValueError(f"--drop-layers {outside} outside 0..{layers - 1} (the model has "
-                                 f"{layers} layers); use 0-based layer indices.")
+                raise UserError(f"--drop-layers {outside} outside 0..{layers - 1} (the model has "
+                                f"{layers} layers); use 0-based layer indices.")
             kept = layers - len(self.drop_layers)
             if kept == 0:
-                raise ValueError("--drop-layers removes every layer; keep at least one.")
+                raise UserError("--drop-layers removes every layer; keep at least one.")
             if self.num_layers is not None and self.num_layers != kept:
-                raise ValueError(f"--drop-layers keeps {kept} layers but --target-num-layers is "
-                                 f"{self.num_layers}; give one of the two.")
+                raise UserError(f"--drop-layers keeps {kept} layers but --target-num-layers is "
+                                f"{self.num_layers}; give one of the two.")
             layers = kept
         elif self.num_layers is not None:
             layers = self.num_layers
@@ -94,12 +95,12 @@ class PruneTargets:
         if heads is None:
             heads = groups * per_group
         if heads % groups:
-            raise ValueError(
+            raise UserError(
                 f"--target-num-attention-heads {heads} is not a multiple of the query groups "
                 f"({groups}): every group keeps the same number of heads; choose heads = k × "
                 f"{groups} or set --target-num-query-groups to a divisor of {heads}.")
         if heads // groups > per_group:
-            raise ValueError(
+            raise UserError(
                 f"{heads} heads in {groups} query groups would need {heads // groups} heads per "
                 f"group, but each group has {per_group}; keep at least {-(-heads // per_group)} "
                 f"query groups or fewer heads.")
@@ -118,7 +119,7 @@ def check_layout(target: ModelConfig, *, tensor_parallel: int, pipeline_parallel
     try:
         target.check_parallel(tensor_parallel=tensor_parallel,
                               pipeline_parallel=pipeline_parallel)
-    except ValueError as err:
-        raise ValueError(f"the pruned shape cannot be built at this layout: {err} Choose targets "
-                         f"divisible by the TP size, or prune at a smaller TP (the pruned "
-                         f"checkpoint loads at any layout).") from None
+    except UserError as err:
+        raise UserError(f"the pruned shape cannot be built at this layout: {err} Choose targets "
+                        f"divisible by the TP size, or prune at a smaller TP (the pruned "
+                        f"checkpoint loads at any layout).") from None

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from minitron_megatron.config import ParallelConfig
+from minitron_megatron.errors import UserError
 from minitron_megatron.runtime import cpu_compat
 
 
@@ -50,9 +51,9 @@ class LaunchEnv:
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} is outside world size {self.world_size}.")
+            raise UserError(f"rank {self.rank} is outside world size {self.world_size}.")
         if self.world_size > 1 and self.master_port == 0:
-            raise ValueError("a multi-process job needs MASTER_PORT; export it or use torchrun.")
+            raise UserError("a multi-process job needs MASTER_PORT; export it or use torchrun.")
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> LaunchEnv:
@@ -66,7 +67,7 @@ class LaunchEnv:
             return cls(master_port=int(environ.get("MASTER_PORT", 0)))
         missing = [n for n in (*names, "MASTER_ADDR", "MASTER_PORT") if n not in environ]
         if missing:
-            raise ValueError(
+            raise UserError(
                 f"launcher environment incomplete: {', '.join(missing)} not set; start with "
                 f"torchrun, or export them (see launch/ for SLURM scripts)."
             )

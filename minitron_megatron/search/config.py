@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from minitron_megatron.errors import UserError
 from minitron_megatron.pruning.targets import DEPTH_METHODS
 
 RESULTS_JSON = "search_results.json"
@@ -47,17 +48,17 @@ class SearchConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "save", Path(self.save))
         if not isinstance(self.target_params, int) or self.target_params <= 0:
-            raise ValueError(f"--target-params must be a positive parameter count, got "
-                             f"{self.target_params!r}.")
+            raise UserError(f"--target-params must be a positive parameter count, got "
+                            f"{self.target_params!r}.")
         if not 0 < self.params_tolerance < 1:
-            raise ValueError(f"--params-tolerance must be in (0, 1), e.g. 0.05 for ±5 %, got "
-                             f"{self.params_tolerance}.")
+            raise UserError(f"--params-tolerance must be in (0, 1), e.g. 0.05 for ±5 %, got "
+                            f"{self.params_tolerance}.")
         if self.top_k is not None and self.top_k <= 0:
-            raise ValueError(f"--top-k must be a positive number of candidates to distill, got "
-                             f"{self.top_k}; omit it to distill every candidate.")
+            raise UserError(f"--top-k must be a positive number of candidates to distill, got "
+                            f"{self.top_k}; omit it to distill every candidate.")
         if self.depth_method not in DEPTH_METHODS:
-            raise ValueError(f"--depth-method {self.depth_method!r} is not one of "
-                             f"{', '.join(DEPTH_METHODS)}.")
+            raise UserError(f"--depth-method {self.depth_method!r} is not one of "
+                            f"{', '.join(DEPTH_METHODS)}.")
 
     def candidate_dir(self, name: str) -> Path:
         return self.save / CANDIDATES_DIR / name

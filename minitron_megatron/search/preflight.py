@@ -23,7 +23,9 @@ from minitron_megatron.config import ParallelConfig
 from minitron_megatron.data.loaders import DataConfig
 from minitron_megatron.distill.config import KDConfig, TrainConfig
 from minitron_megatron.distill.preflight import check_run
+from minitron_megatron.errors import UserError
 from minitron_megatron.importance import Scores
+from minitron_megatron.output_paths import check_output_dir
 from minitron_megatron.pruning import PrunePlan, PruneTargets, make_plan
 from minitron_megatron.pruning.apply import check_same_model
 from minitron_megatron.search.config import RESULTS_JSON, SearchConfig
@@ -95,13 +97,13 @@ def _plan(scores: Scores, candidate: Candidate, depth_method: str) -> PrunePlan:
     shape = candidate.shape()
     try:
         return make_plan(scores, PruneTargets(**shape, depth_method=depth_method))
-    except ValueError as err:
+    except UserError as err:
         layers = scores.model_config.num_layers
         hint = (f", or restrict the search space's num_layers to [{layers}]"
                 if shape["num_layers"] < layers else "")
-        raise ValueError(f"candidate {candidate.name} drops {layers - shape['num_layers']} of "
-                         f"{layers} layers by --depth-method {depth_method}, but "
-                         f"{str(err).rstrip('.')}{hint}.") from None
+        raise UserError(f"candidate {candidate.name} drops {layers - shape['num_layers']} of "
+                        f"{layers} layers by --depth-method {depth_method}, but "
+                        f"{str(err).rstrip('.')}{hint}.") from None
 
 
 def _differences(ours: dict[str, Any], theirs: dict[str, Any], prefix: str = "") -> list[str]:
@@ -122,28 +124,27 @@ def _without_top_k(settings: dict[str, Any]) -> dict[str, Any]:
 def _previous(search: SearchConfig, settings: dict[str, Any], candidates: list[Candidate],
               tensor_parallel: int, pipeline_parallel: int) -> SearchResults | None:
     directory = search.save
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(f"--save {directory} is a file; pass a directory for the search.")
+    check_output_dir(directory, "--save")
     previous = SearchResults.load(directory)
     if previous is None:
         if directory.is_dir() and any(directory.iterdir()):
-            raise ValueError(f"--save {directory} is not empty and holds no {RESULTS_JSON}; "
-                             f"choose a new or empty directory for the search.")
+            raise UserError(f"--save {directory} is not empty and holds no {RESULTS_JSON}; "
+                            f"choose a new or empty directory for the search.")
         return None
     # --top-k may change on resume (the recorded losses stay valid): raising it distills more
     diff = _differences(_without_top_k(settings), _without_top_k(previous.settings))
     if diff:
-        raise ValueError(f"--save {directory} holds a search with other settings (recorded → "
-                         f"now: {'; '.join(diff)}); resume with the same flags and scores, or "
-                         f"choose a new --save directory.")
+        raise UserError(f"--save {directory} holds a search with other settings (recorded → "
+                        f"now: {'; '.join(diff)}); resume with the same flags and scores, or "
+                        f"choose a new --save directory.")
     previous.settings["search"]["top_k"] = settings["search"]["top_k"]
     recorded = [r.name for r in previous.candidates]
     if recorded != [c.name for c in candidates]:
-        raise ValueError(f"--save {directory} holds a search over other candidates "
-                         f"({', '.join(recorded)}) than this layout allows ("
-                         f"{', '.join(c.name for c in candidates)} at TP={tensor_parallel}, "
-                         f"PP={pipeline_parallel}); resume at the layout the search started "
-                         f"with, or choose a new --save directory.")
+        raise UserError(f"--save {directory} holds a search over other candidates "
+                        f"({', '.join(recorded)}) than this layout allows ("
+                        f"{', '.join(c.name for c in candidates)} at TP={tensor_parallel}, "
+                        f"PP={pipeline_parallel}); resume at the layout the search started "
+                        f"with, or choose a new --save directory.")
     return previous
 
 
@@ -170,9 +171,9 @@ def prepare_search(*, teacher: CheckpointInfo, scores: Scores, space: SearchSpac
     check_same_model(scores.model_config, teacher)
     try:
         teacher.model_config.check_parallel(tensor_parallel=tp, pipeline_parallel=pp)
-    except ValueError as err:
-        raise ValueError(f"the teacher ({teacher.root}) cannot be laid out at TP={tp}, PP={pp}: "
-                         f"{err}") from None
+    except UserError as err:
+        raise UserError(f"the teacher ({teacher.root}) cannot be laid out at TP={tp}, PP={pp}: "
+                        f"{err}") from None
     candidates = enumerate_candidates(teacher.model_config, space,
                                       target_params=search.target_params,
                                       tolerance=search.params_tolerance, tensor_parallel=tp,
@@ -183,7 +184,8 @@ def prepare_search(*, teacher: CheckpointInfo, scores: Scores, space: SearchSpac
     # one bounds the KD layer pairs
     check_run(student=dataclasses.replace(teacher, model_config=shallowest.config),
               teacher=teacher, kd=kd, train=dataclasses.replace(train, load=None),
-              parallel=parallel, world_size=world_size, params_dtype=params_dtype)
+              parallel=parallel, world_size=world_size, params_dtype=params_dtype,
+              seq_length=data.seq_length)
     settings = search_settings(teacher=teacher, scores=scores, space=space, search=search,
                                train=train, kd=kd, data=data, params_dtype=params_dtype,
                                seed=seed)

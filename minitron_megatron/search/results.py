@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from minitron_megatron.checkpoint import write_text_atomic
+from minitron_megatron.errors import UserError
 from minitron_megatron.search.config import RESULTS_JSON, RESULTS_MD
 from minitron_megatron.search.space import AXES, Candidate, format_params
 
@@ -83,8 +84,8 @@ class SearchResults:
                                                       __dataclass_fields__}) for c in
                                    data["candidates"]])
         except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"{path} is not a {FORMAT} results file ({err}); move it away or "
-                             f"choose another --save directory.") from None
+            raise UserError(f"{path} is not a {FORMAT} results file ({err}); move it away or "
+                            f"choose another --save directory.") from None
 
     # ------------------------------------------------------------------ queries
     def get(self, name: str) -> CandidateResult:

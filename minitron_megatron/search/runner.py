@@ -37,6 +37,7 @@ from minitron_megatron.checkpoint import TRACKER_FILE, find_checkpoint, latest_i
 from minitron_megatron.checkpoint import load_checkpoint as load_model
 from minitron_megatron.data.loaders import build_datasets
 from minitron_megatron.distill.training import Trainer
+from minitron_megatron.errors import UserError
 from minitron_megatron.evaluate import eod_id_of, evaluate_model
 from minitron_megatron.model.build import build_model
 from minitron_megatron.pruning import apply_plan, prune_checkpoint
@@ -62,14 +63,14 @@ def _datasets(plan: SearchPlan):
     needed = {"train": t.train_iters * t.global_batch_size, "valid": plan.eval_samples}
     try:
         return build_datasets(plan.data, eod_id=eod_id_of(info),
-                              vocab_size=info.model_config.vocab_size,
-                              num_samples=needed)["valid"]
-    except ValueError as err:
-        raise ValueError(f"{err} (each candidate needs --candidate-train-iters × "
-                         f"--global-batch-size = {needed['train']} training samples and "
-                         f"--candidate-eval-iters × --global-batch-size = {needed['valid']} "
-                         f"held-out samples of --seq-length {plan.data.seq_length} "
-                         f"tokens)") from None
+                              vocab_size=info.model_config.vocab_size, num_samples=needed,
+                              padded_vocab_size=info.model_config.padded_vocab_size)["valid"]
+    except UserError as err:
+        raise UserError(f"{err} (each candidate needs --candidate-train-iters × "
+                        f"--global-batch-size = {needed['train']} training samples and "
+                        f"--candidate-eval-iters × --global-batch-size = {needed['valid']} "
+                        f"held-out samples of --seq-length {plan.data.seq_length} "
+                        f"tokens)") from None
 
 
 def _evaluate(model, ps: ParallelState, plan: SearchPlan, valid) -> float:
@@ -117,7 +118,7 @@ def _distill(plan: SearchPlan, record: CandidateResult, ps: ParallelState, valid
     seed_everything(seed)  # every candidate starts from the same RNG state, resumed or not
     if not pruned_dir.exists() or latest_iteration(pruned_dir) is None:
         path = prune_checkpoint(plan.teacher, plan.plans[record.name], pruned_dir, ps,
-                                params_dtype=params_dtype)
+                                params_dtype=params_dtype, overwrite=True)  # a killed try
         if ps.rank == 0:
             shutil.copyfile(path / PLAN_FILE, directory / PLAN_FILE)
     train = dataclasses.replace(

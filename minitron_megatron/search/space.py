@@ -25,7 +25,8 @@ from typing import Any
 
 import yaml
 
-from minitron_megatron.config import ModelConfig
+from minitron_megatron.config import ModelConfig, yaml_problem
+from minitron_megatron.errors import UserError
 
 AXES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups")
 
@@ -36,11 +37,11 @@ def parse_param_count(text: str | int) -> int:
         return text
     match = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([kKmMbBgG]?)\s*", str(text))
     if not match:
-        raise ValueError(f"cannot read a parameter count from {text!r}; write e.g. 70M or 4B.")
+        raise UserError(f"cannot read a parameter count from {text!r}; write e.g. 70M or 4B.")
     scale = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}[match.group(2).lower()]
     value = int(round(float(match.group(1)) * scale))
     if value <= 0:
-        raise ValueError(f"the target parameter count must be positive, got {text!r}.")
+        raise UserError(f"the target parameter count must be positive, got {text!r}.")
     return value
 
 
@@ -79,7 +80,7 @@ class SearchSpace:
         for axis in AXES:
             values = getattr(self, axis)
             if not values or any(not isinstance(v, int) or v <= 0 for v in values):
-                raise ValueError(f"search space {axis} must list positive integers, got {values}")
+                raise UserError(f"search space {axis} must list positive integers, got {values}")
             object.__setattr__(self, axis, tuple(sorted(set(values), reverse=True)))
 
     @classmethod
@@ -105,14 +106,14 @@ class SearchSpace:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"unknown search-space axes {unknown}; known: {sorted(names)}")
+            raise UserError(f"unknown search-space axes {unknown}; known: {sorted(names)}")
         merged = {}
         for axis in AXES:
             value = data.get(axis, getattr(base, axis))
             merged[axis] = (value,) if isinstance(value, int) else value
             if not isinstance(merged[axis], list | tuple):
-                raise ValueError(f"search space {axis} must be a list of integers, e.g. "
-                                 f"{axis}: [{getattr(base, axis)[0]}], got {value!r}")
+                raise UserError(f"search space {axis} must be a list of integers, e.g. "
+                                f"{axis}: [{getattr(base, axis)[0]}], got {value!r}")
         return cls(**{axis: tuple(values) for axis, values in merged.items()})
 
     @classmethod
@@ -120,10 +121,11 @@ class SearchSpace:
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}
         except yaml.YAMLError as err:
-            raise ValueError(f"search space {path} is not valid YAML: {err}") from None
+            raise UserError(f"search space {path} is not valid YAML ({yaml_problem(err)}); fix "
+                            f"the file.") from None
         if not isinstance(data, dict):
-            raise ValueError(f"search space {path} must map axis names to lists of choices, "
-                             f"e.g. 'num_layers: [30, 28]'.")
+            raise UserError(f"search space {path} must map axis names to lists of choices, "
+                            f"e.g. 'num_layers: [30, 28]'.")
         return cls.from_dict(data, base)
 
     def check_against(self, teacher: ModelConfig, *, tensor_parallel: int) -> None:
@@ -131,13 +133,13 @@ class SearchSpace:
         for axis in AXES:
             too_big = [v for v in getattr(self, axis) if v > getattr(teacher, axis)]
             if too_big:
-                raise ValueError(f"search space {axis} choices {too_big} exceed the teacher's "
-                                 f"{getattr(teacher, axis)}; pruning only shrinks.")
+                raise UserError(f"search space {axis} choices {too_big} exceed the teacher's "
+                                f"{getattr(teacher, axis)}; pruning only shrinks.")
         tp = tensor_parallel
         for axis in ("ffn_hidden_size", "num_attention_heads", "num_query_groups"):
             bad = [v for v in getattr(self, axis) if v % tp]
             if len(bad) == len(getattr(self, axis)):
-                raise ValueError(
+                raise UserError(
                     f"no {axis} choice {list(getattr(self, axis))} is divisible by "
                     f"tensor-model-parallel-size {tp}; use multiples of {tp} or a smaller TP."
                 )
@@ -172,7 +174,7 @@ def _valid_shapes(teacher: ModelConfig, space: SearchSpace, tp: int, pp: int):
         try:
             cfg = teacher.replace(**shape)
             cfg.check_parallel(tensor_parallel=tp, pipeline_parallel=pp)
-        except ValueError:
+        except UserError:
             continue
         yield Candidate(cfg)
 
@@ -191,14 +193,14 @@ def enumerate_candidates(
     Raises ``ValueError`` listing the nearest feasible sizes when none is within the tolerance.
     """
     if not 0 < tolerance < 1:
-        raise ValueError(f"params tolerance must be in (0, 1), got {tolerance}.")
+        raise UserError(f"params tolerance must be in (0, 1), got {tolerance}.")
     space.check_against(teacher, tensor_parallel=tensor_parallel)
     valid = list(_valid_shapes(teacher, space, tensor_parallel, pipeline_parallel))
     if not valid:
-        raise ValueError(f"the search space holds no shape valid at TP={tensor_parallel} "
-                         f"(heads a multiple of the query groups, at most "
-                         f"{teacher.heads_per_group} heads per group as in the teacher, heads, "
-                         f"groups and MLP size divisible by TP).")
+        raise UserError(f"the search space holds no shape valid at TP={tensor_parallel} "
+                        f"(heads a multiple of the query groups, at most "
+                        f"{teacher.heads_per_group} heads per group as in the teacher, heads, "
+                        f"groups and MLP size divisible by TP).")
     ranked = sorted(valid, key=lambda c: (abs(c.params - target_params), c.name))
     within = [c for c in ranked if abs(c.params - target_params) <= tolerance * target_params]
     if not within:
@@ -207,7 +209,7 @@ def enumerate_candidates(
         above = min((c for c in valid if c.params > target_params), key=lambda c: c.params,
                     default=None)
         near = ", ".join(f"{format_params(c.params)} ({c.name})" for c in (below, above) if c)
-        raise ValueError(
+        raise UserError(
             f"no candidate within {tolerance:.0%} of {format_params(target_params)} parameters; "
             f"nearest feasible sizes: {near}. Change --target-params, widen "
             f"--params-tolerance, or extend the search space."
