@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -29,7 +30,12 @@ from typing import Any
 import torch
 
 from minitron_megatron.checkpoint import CheckpointInfo, load_checkpoint
-from minitron_megatron.data.loaders import DataConfig, build_datasets, shard_for_data_parallel
+from minitron_megatron.data.loaders import (
+    DataConfig,
+    build_datasets,
+    distinct_samples,
+    shard_for_data_parallel,
+)
 from minitron_megatron.distill.checkpointing import (
     TrainState,
     load_training_checkpoint,
@@ -43,6 +49,8 @@ from minitron_megatron.distill.schedule import forward_backward, train_sample_id
 from minitron_megatron.evaluate import eod_id_of
 from minitron_megatron.model.build import build_model
 from minitron_megatron.runtime.distributed import ParallelState
+
+log = logging.getLogger("minitron.distill")
 
 
 class TrainingDiverged(RuntimeError):
@@ -145,8 +153,9 @@ class Trainer:
         if t.eval_interval:
             needed["valid"] = t.eval_iters * t.global_batch_size
         try:
-            return build_datasets(self.data, eod_id=eod_id_of(info),
-                                  vocab_size=info.model_config.vocab_size, num_samples=needed)
+            datasets = build_datasets(self.data, eod_id=eod_id_of(info),
+                                      vocab_size=info.model_config.vocab_size,
+                                      num_samples=needed, repeat=("train",))
         except ValueError as err:
             want = f"--train-iters × --global-batch-size = {needed['train']} training samples"
             if "valid" in needed:
@@ -154,6 +163,12 @@ class Trainer:
                          f"validation samples")
             raise ValueError(f"{err} (this run needs {want} of --seq-length "
                              f"{self.data.seq_length} tokens)") from None
+        if self.ps.rank == 0:
+            per_epoch = distinct_samples(datasets["train"], self.data.seq_length)
+            log.info("training data: %d samples of %d tokens = %.2f epochs of the train split "
+                     "(%d distinct samples)", needed["train"], self.data.seq_length,
+                     needed["train"] / per_epoch, per_epoch)
+        return datasets
 
     # ------------------------------------------------------------------ steps
     def train_step(self) -> dict[str, float]:

@@ -56,14 +56,14 @@ def _barrier() -> None:
 
 
 def _datasets(plan: SearchPlan):
-    """The held-out samples every loss is measured on; also checks the training split holds
-    a distillation's samples (before any work)."""
+    """The held-out samples every loss is measured on (never one twice); also checks the
+    training split can feed a distillation (cycling epochs if it must) before any work."""
     t, info = plan.train, plan.teacher
     needed = {"train": t.train_iters * t.global_batch_size, "valid": plan.eval_samples}
     try:
         return build_datasets(plan.data, eod_id=eod_id_of(info),
                               vocab_size=info.model_config.vocab_size,
-                              num_samples=needed)["valid"]
+                              num_samples=needed, repeat=("train",))["valid"]
     except ValueError as err:
         raise ValueError(f"{err} (each candidate needs --candidate-train-iters × "
                          f"--global-batch-size = {needed['train']} training samples and "
