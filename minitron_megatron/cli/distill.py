@@ -80,6 +80,12 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-interval", type=int, default=0)
     g.add_argument("--eval-iters", type=int, default=1)
     g.add_argument("--exit-interval", type=int, default=0)
+    g.add_argument("--override-opt-param-scheduler", "--override-opt_param-scheduler",
+                   action="store_true", dest="override_opt_param_scheduler",
+                   help="on resume, use this command's LR schedule instead of the saved one")
+    g.add_argument("--use-checkpoint-opt-param-scheduler", "--use-checkpoint-opt_param-scheduler",
+                   action="store_true", dest="use_checkpoint_opt_param_scheduler",
+                   help="on resume, keep the saved LR schedule even where the flags differ")
     add_schedule_args(g)
     add_data_args(p)
     add_parallel_args(p)
@@ -130,7 +136,10 @@ def _run(args, *, student_path: str, teacher_path: str | None, kd) -> None:
     dtype = params_dtype(args)
     train = train_config(args, dtype, save=args.save, load=args.load,
                          train_iters=args.train_iters, eval_interval=args.eval_interval,
-                         eval_iters=args.eval_iters, exit_interval=args.exit_interval)
+                         eval_iters=args.eval_iters, exit_interval=args.exit_interval,
+                         override_opt_param_scheduler=args.override_opt_param_scheduler,
+                         use_checkpoint_opt_param_scheduler=(
+                             args.use_checkpoint_opt_param_scheduler))
     data = data_config(args)
     student = find_checkpoint(student_path)
     teacher = find_checkpoint(teacher_path) if teacher_path else None

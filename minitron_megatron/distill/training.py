@@ -38,6 +38,7 @@ from minitron_megatron.data.loaders import (
 )
 from minitron_megatron.distill.checkpointing import (
     TrainState,
+    check_schedule,
     load_training_checkpoint,
     resumable_checkpoint,
     save_training_checkpoint,
@@ -83,13 +84,16 @@ class Trainer:
     def _build(self) -> None:
         self.datasets = self._datasets()  # data errors come before any model is built
         resume = resumable_checkpoint(self.train_cfg.load, self.student_info.model_config)
+        if resume is not None:
+            check_schedule(resume, self.train_cfg)
         self._build_models(load_student=resume is None)
         self._build_optimizer()
         self.state = TrainState()
         if resume is not None:
             self.state = load_training_checkpoint(
                 resume, student=self.student, projection=self.model.projection,
-                optimizer=self.optimizer, scheduler=self.scheduler, ps=self.ps)
+                optimizer=self.optimizer, scheduler=self.scheduler, ps=self.ps,
+                override_schedule=self.train_cfg.override_opt_param_scheduler)
 
     def _build_models(self, *, load_student: bool) -> None:
         """Student (loaded unless a resume restores it) and frozen teacher, this rank's stage."""
@@ -142,7 +146,10 @@ class Trainer:
             self.optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr,
             lr_warmup_steps=t.lr_warmup_iters, lr_decay_steps=t.decay_iters,
             lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
-            wd_incr_steps=t.train_iters, wd_incr_style="constant")
+            wd_incr_steps=t.train_iters, wd_incr_style="constant",
+            # a resume whose schedule differs was refused unless one of these two was asked for
+            override_opt_param_scheduler=t.override_opt_param_scheduler,
+            use_checkpoint_opt_param_scheduler=not t.override_opt_param_scheduler)
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = self.ddp.no_sync
         config.grad_scale_func = self.optimizer.scale_loss
