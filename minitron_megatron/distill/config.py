@@ -136,6 +136,11 @@ class TrainConfig:
     """Stop (after saving) once the iteration is a multiple of this; 0 never (as Megatron-LM's
     --exit-interval: split a long run into jobs that fit a time limit)."""
 
+    exit_signal_handler: bool = True
+    """On SIGTERM (SLURM preemption, time limit) or SIGINT (Ctrl-C): finish the current step,
+    save, and stop (``RunResult.interrupted``); all ranks agree on the step. ``False`` leaves
+    the signals' default action (the process dies; up to ``save_interval`` steps are lost)."""
+
     override_opt_param_scheduler: bool = False
     """On resume, take this config's LR schedule (lr, min_lr, warmup, decay steps and style,
     weight decay) instead of the checkpoint's, from the saved iteration on."""

@@ -50,6 +50,7 @@ from minitron_megatron.distill.schedule import forward_backward, train_sample_id
 from minitron_megatron.evaluate import eod_id_of
 from minitron_megatron.model.build import build_model
 from minitron_megatron.runtime.distributed import ParallelState
+from minitron_megatron.runtime.signals import ExitSignals
 
 log = logging.getLogger("minitron.distill")
 
@@ -64,6 +65,11 @@ class RunResult:
     state: TrainState
     history: list[dict[str, Any]] = field(default_factory=list)
     """Per-step metrics and evaluations (the same records as ``metrics.jsonl``)."""
+
+    interrupted: str | None = None
+    """Name of the signal (``"SIGTERM"``, ``"SIGINT"``) that stopped the run before
+    ``train_iters``, after saving ``state.iteration``; ``None`` when it ran to its end (or to
+    its exit interval)."""
 
 
 class Trainer:
@@ -253,40 +259,56 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def run(self, on_step: Callable[[int, dict[str, float]], None] | None = None) -> RunResult:
         """Train up to ``train_iters`` steps (from where a resumed run stands): log, evaluate
-        and checkpoint on their intervals, save at the end (or at the exit interval).
+        and checkpoint on their intervals, save at the end (or at the exit interval, or after
+        the step during which SIGTERM/SIGINT arrived: ``RunResult.interrupted``).
 
         ``on_step(iteration, metrics)`` is called on every rank after each step (a caller's
         progress view, e.g. the architecture search's ETA)."""
         t = self.train_cfg
-        exit_interval = t.exit_interval
         progress = Progress(t.save, total_iters=t.train_iters, start_iter=self.state.iteration,
                             active=self.ps.rank == 0, wandb_project=t.wandb_project,
                             wandb_run_name=t.wandb_run_name, run_config=self.run_config())
-        try:
-            if self.state.iteration == 0 and t.eval_interval:
+        signals = ExitSignals() if t.exit_signal_handler else ExitSignals(signals=())
+        with signals:
+            try:
+                interrupted = self._loop(progress, signals, on_step)
+            finally:
+                progress.close()
+        return RunResult(state=self.state, history=self.history, interrupted=interrupted)
+
+    def _loop(self, progress: Progress, signals: ExitSignals,
+              on_step: Callable[[int, dict[str, float]], None] | None) -> str | None:
+        """The steps of ``run``; returns the name of the signal that stopped them early."""
+        t = self.train_cfg
+        if self.state.iteration == 0 and t.eval_interval:
+            self._record_eval(progress)
+        while self.state.iteration < t.train_iters:
+            metrics = self.train_step()
+            it = self.state.iteration
+            progress.step(it, metrics)
+            self.history.append({"iteration": it, **metrics})
+            last = it == t.train_iters
+            if it % t.log_interval == 0 or last:
+                progress.flush_line(it)
+            if on_step is not None:
+                on_step(it, metrics)
+            if t.eval_interval and (it % t.eval_interval == 0 or last):
                 self._record_eval(progress)
-            while self.state.iteration < t.train_iters:
-                metrics = self.train_step()
-                it = self.state.iteration
-                progress.step(it, metrics)
-                self.history.append({"iteration": it, **metrics})
-                last = it == t.train_iters
-                if it % t.log_interval == 0 or last:
-                    progress.flush_line(it)
-                if on_step is not None:
-                    on_step(it, metrics)
-                if t.eval_interval and (it % t.eval_interval == 0 or last):
-                    self._record_eval(progress)
-                stop = bool(exit_interval) and it % exit_interval == 0
-                if last or stop or (t.save_interval and it % t.save_interval == 0):
-                    path = self.save()
-                    progress.note(f"saved {path}")
-                if stop and not last:
-                    progress.note(f"exiting at iteration {it} (exit interval {exit_interval})")
-                    break
-        finally:
-            progress.close()
-        return RunResult(state=self.state, history=self.history)
+            received = signals.agreed(self.ps.device)  # the same on every rank
+            stop = bool(t.exit_interval) and it % t.exit_interval == 0
+            if last or stop or received or (t.save_interval and it % t.save_interval == 0):
+                path = self.save()
+                progress.note(f"saved {path}")
+            if last:
+                break
+            if received is not None:
+                progress.note(f"{received.name} received: stopped after iteration {it} of "
+                              f"{t.train_iters}")
+                return received.name
+            if stop:
+                progress.note(f"exiting at iteration {it} (exit interval {t.exit_interval})")
+                break
+        return None
 
     def _record_eval(self, progress: Progress) -> None:
         result = self.evaluate()

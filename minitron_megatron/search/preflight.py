@@ -32,7 +32,8 @@ from minitron_megatron.search.space import AXES, Candidate, SearchSpace, enumera
 
 _UNSCORED_TRAIN_FIELDS = ("save", "load", "save_interval", "log_interval", "exit_interval",
                           "eval_interval", "wandb_project", "wandb_run_name",
-                          "override_opt_param_scheduler", "use_checkpoint_opt_param_scheduler")
+                          "exit_signal_handler", "override_opt_param_scheduler",
+                          "use_checkpoint_opt_param_scheduler")
 """Training fields that do not change any number of the search (may differ on resume)."""
 
 
