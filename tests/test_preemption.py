@@ -21,27 +21,16 @@ import torch
 from minitron_megatron.checkpoint import find_checkpoint, latest_iteration
 from minitron_megatron.config import ParallelConfig
 from minitron_megatron.data.loaders import DataConfig
-from minitron_megatron.data.preprocess import preprocess
 from minitron_megatron.distill.config import KDConfig, TrainConfig
 from minitron_megatron.distill.progress import METRICS_FILE
 from minitron_megatron.distill.training import Trainer
 from minitron_megatron.runtime.distributed import init_distributed, shutdown
 from minitron_megatron.runtime.signals import EXIT_INTERRUPTED
 from minitron_megatron.testing.multiprocess import run_distributed
-from tests import distill_helpers, factories
+from tests import distill_helpers
 
-ITERS, BATCH, SPLIT = 12, 4, "75,25,0"
+ITERS, BATCH, SPLIT = 12, 4, "75,25,0"  # small_dataset: 21 training samples, 2.29 epochs
 TIMING_KEYS = ("tokens_per_s", "step_time")
-
-
-@pytest.fixture(scope="module")
-def small_dataset(tmp_path_factory, tiny_tokenizer):
-    """12 documents: a train split of 21 samples of 32 tokens, so 12 steps of 4 samples span
-    2.29 epochs."""
-    root = tmp_path_factory.mktemp("small")
-    corpus = factories.make_corpus(root / "corpus.jsonl", documents=12, seed=3)
-    preprocess(corpus, tiny_tokenizer, root / "small")
-    return str(root / "small")
 
 
 @pytest.fixture(scope="module")

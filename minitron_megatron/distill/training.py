@@ -92,6 +92,7 @@ class Trainer:
         resume = resumable_checkpoint(self.train_cfg.load, self.student_info.model_config)
         if resume is not None:
             check_schedule(resume, self.train_cfg)
+            self._check_data_order(resume)
         self._build_models(load_student=resume is None)
         self._build_optimizer()
         self.state = TrainState()
@@ -182,6 +183,24 @@ class Trainer:
                      "(%d distinct samples)", needed["train"], self.data.seq_length,
                      needed["train"] / per_epoch, per_epoch)
         return datasets
+
+    def _check_data_order(self, resume: CheckpointInfo) -> None:
+        """Warn when a resume changes the sample order: GPTDataset's index over more than one
+        epoch depends on the number of samples the run asks for (its --train-iters)."""
+        saved = resume.path / "run_config.json"
+        if self.ps.rank != 0 or not saved.is_file():
+            return
+        before = json.loads(saved.read_text())["train"]
+        t = self.train_cfg
+        old, new = (before["train_iters"] * before["global_batch_size"],
+                    t.train_iters * t.global_batch_size)
+        per_epoch = distinct_samples(self.datasets["train"], self.data.seq_length)
+        if old != new and max(old, new) > per_epoch:
+            log.warning("the run now asks for %d training samples instead of %d over %d-sample "
+                        "epochs: Megatron's multi-epoch index is built for the run's length, so "
+                        "the samples from iteration %d on follow another order (some may repeat "
+                        "or be skipped within an epoch)", new, old, per_epoch,
+                        resume.iteration + 1)
 
     # ------------------------------------------------------------------ steps
     def train_step(self) -> dict[str, float]:
