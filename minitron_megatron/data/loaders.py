@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from minitron_megatron.errors import UserError
+
 SPLITS = ("train", "valid", "test")
 
 
@@ -65,7 +67,7 @@ def build_datasets(cfg: DataConfig, *, eod_id: int, vocab_size: int,
 
     A split named in ``repeat`` (training) cycles its documents when asked for more samples
     than one pass gives: GPTDataset's multi-epoch index, each epoch a new shuffle. Any other
-    split (validation, evaluation, calibration) never counts a sample twice: ``ValueError``
+    split (validation, evaluation, calibration) never counts a sample twice: ``UserError``
     when it cannot give that many distinct samples of the sequence length. A split shorter
     than one sample is refused either way.
     """
@@ -89,7 +91,7 @@ def build_datasets(cfg: DataConfig, *, eod_id: int, vocab_size: int,
     )
     for name, available in _split_samples(cfg, list(num_samples)).items():
         if num_samples[name] > available and (name not in repeat or available == 0):
-            raise ValueError(
+            raise UserError(
                 f"the {name} split of {cfg.data_path} holds {available} distinct samples of "
                 f"{cfg.seq_length} tokens, fewer than the {num_samples[name]} requested; lower "
                 f"the sample count or seq-length, change --split, or preprocess more text."
@@ -117,8 +119,8 @@ def _split_samples(cfg: DataConfig, names: list[str]) -> dict[str, int]:
         if name not in names:
             continue
         if stop <= first:
-            raise ValueError(f"the {name} split of {cfg.data_path} is empty ({n_docs} documents, "
-                             f"--split {cfg.split}); give it a larger share or more documents.")
+            raise UserError(f"the {name} split of {cfg.data_path} is empty ({n_docs} documents, "
+                            f"--split {cfg.split}); give it a larger share or more documents.")
         out[name] = max(int(lengths[first:stop].sum()) - 1, 0) // cfg.seq_length
     del lengths, index
     return out

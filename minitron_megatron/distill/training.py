@@ -47,6 +47,7 @@ from minitron_megatron.distill.config import KDConfig, TrainConfig
 from minitron_megatron.distill.model import DistillationModel
 from minitron_megatron.distill.progress import Progress
 from minitron_megatron.distill.schedule import forward_backward, train_sample_ids
+from minitron_megatron.errors import UserError
 from minitron_megatron.evaluate import eod_id_of
 from minitron_megatron.model.build import build_model
 from minitron_megatron.runtime.distributed import ParallelState
@@ -175,8 +176,8 @@ class Trainer:
             if "valid" in needed:
                 want += (f" and --eval-iters × --global-batch-size = {needed['valid']} "
                          f"validation samples")
-            raise ValueError(f"{err} (this run needs {want} of --seq-length "
-                             f"{self.data.seq_length} tokens)") from None
+            raise UserError(f"{err} (this run needs {want} of --seq-length "
+                            f"{self.data.seq_length} tokens)") from None
         if self.ps.rank == 0:
             per_epoch = distinct_samples(datasets["train"], self.data.seq_length)
             log.info("training data: %d samples of %d tokens = %.2f epochs of the train split "

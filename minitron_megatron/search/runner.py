@@ -37,6 +37,7 @@ from minitron_megatron.checkpoint import TRACKER_FILE, find_checkpoint, latest_i
 from minitron_megatron.checkpoint import load_checkpoint as load_model
 from minitron_megatron.data.loaders import build_datasets
 from minitron_megatron.distill.training import Trainer
+from minitron_megatron.errors import UserError
 from minitron_megatron.evaluate import eod_id_of, evaluate_model
 from minitron_megatron.model.build import build_model
 from minitron_megatron.pruning import apply_plan, prune_checkpoint
@@ -66,11 +67,11 @@ def _datasets(plan: SearchPlan):
                               vocab_size=info.model_config.vocab_size,
                               num_samples=needed, repeat=("train",))["valid"]
     except ValueError as err:
-        raise ValueError(f"{err} (each candidate needs --candidate-train-iters × "
-                         f"--global-batch-size = {needed['train']} training samples and "
-                         f"--candidate-eval-iters × --global-batch-size = {needed['valid']} "
-                         f"held-out samples of --seq-length {plan.data.seq_length} "
-                         f"tokens)") from None
+        raise UserError(f"{err} (each candidate needs --candidate-train-iters × "
+                        f"--global-batch-size = {needed['train']} training samples and "
+                        f"--candidate-eval-iters × --global-batch-size = {needed['valid']} "
+                        f"held-out samples of --seq-length {plan.data.seq_length} "
+                        f"tokens)") from None
 
 
 def _evaluate(model, ps: ParallelState, plan: SearchPlan, valid) -> float:
