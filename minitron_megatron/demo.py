@@ -217,6 +217,9 @@ class Demo:
                 f"{s['distilled_loss']:.4f} |", "",
             ]
         lines += ["## Stages", "", self.table(), ""]
+        lines += ["## Environment (what else decides the last bits: README, Reproducibility)", "",
+                  "| | |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in environment().items()] + [""]
         curve = self.curve()
         if curve:
             lines += ["## Student validation loss during distillation", "",
@@ -246,3 +249,28 @@ class Demo:
         fig.tight_layout()
         fig.savefig(self.dir / "val_loss.png", dpi=120)
         plt.close(fig)
+
+
+def environment() -> dict[str, str]:
+    """Library builds and CPU kernels of this run. Same inputs and seed give bit-identical
+    results only where these match: ATen picks its vector kernels by CPU (AVX512 vs AVX2 changes
+    the last bits of every reduction, which 80 training steps amplify to ~0.05 nats)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    out = {"cpu": cpu, "torch cpu kernels": torch.backends.cpu.get_cpu_capability(),
+           "python": platform.python_version()}
+    for package in ("torch", "megatron-core", "numpy", "tokenizers", "gguf"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = "not installed"
+    return out

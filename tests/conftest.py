@@ -32,6 +32,18 @@ def tiny_dataset(tmp_path_factory, tiny_tokenizer, tiny_corpus):
 
 
 @pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory, tiny_tokenizer):
+    """12 documents: with ``--split 75,25,0`` a train split of 21 samples of 32 tokens (so a
+    run of a few steps spans epochs) and a validation split of 7."""
+    from minitron_megatron.data.preprocess import preprocess
+
+    root = tmp_path_factory.mktemp("small")
+    corpus = factories.make_corpus(root / "corpus.jsonl", documents=12, seed=3)
+    preprocess(corpus, tiny_tokenizer, root / "small")
+    return str(root / "small")
+
+
+@pytest.fixture(scope="session")
 def hf_llama_untied(tmp_path_factory, tiny_tokenizer):
     return factories.make_hf_llama(tmp_path_factory.mktemp("hf_untied"), tied=False,
                                    tokenizer=tiny_tokenizer)

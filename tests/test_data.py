@@ -11,6 +11,7 @@ import torch
 from minitron_megatron.data.loaders import (
     DataConfig,
     build_datasets,
+    distinct_samples,
     micro_batches,
     shard_for_data_parallel,
 )
@@ -81,6 +82,27 @@ def test_split_is_deterministic_and_disjoint(tiny_dataset):
 def test_too_many_samples_is_explained(tiny_dataset):
     with pytest.raises(ValueError, match="distinct samples"):
         _datasets(tiny_dataset, valid=100_000)
+
+
+def test_training_split_cycles_epochs_as_megatron_does(tiny_dataset):
+    """A split asked for more samples than it holds cycles its documents (GPTDataset's
+    multi-epoch index) when it may repeat, and is refused otherwise."""
+    from minitron_megatron.config import ParallelConfig
+    from minitron_megatron.runtime.distributed import LaunchEnv, distributed
+
+    with distributed(LaunchEnv(), ParallelConfig()):
+        cfg = DataConfig(data_path=tiny_dataset, seq_length=32)
+        one = build_datasets(cfg, eod_id=0, vocab_size=384, num_samples={"train": 1})["train"]
+        n = distinct_samples(one, 32)
+        train = build_datasets(cfg, eod_id=0, vocab_size=384, num_samples={"train": 3 * n},
+                               repeat=("train",))["train"]
+        with pytest.raises(ValueError, match=f"holds {n} distinct samples"):
+            build_datasets(cfg, eod_id=0, vocab_size=384, num_samples={"train": n + 1})
+    assert len(one) == n and len(train) >= 3 * n
+    # every training document is used once per epoch, no other document ever
+    uses = np.bincount(train.document_index, minlength=len(train.dataset.document_indices) - 1)
+    assert (uses[train.indices] == 3).all() and uses.sum() == 3 * len(train.indices)
+    assert all(train[i]["tokens"].shape == (32,) for i in (0, n, 3 * n - 1))
 
 
 def test_micro_batches_pad_the_last_batch(tiny_dataset):

@@ -46,3 +46,6 @@ def test_quick_demo_runs_every_stage(tmp_path):
     teacher, student = (int(p.replace(",", "")) for p in params)
     assert teacher == 134_515_008 and 0.45 < student / teacher < 0.55
     assert (out / "val_loss.png").stat().st_size > 1000
+    import torch  # the report names the kernels its last bits depend on
+
+    assert f"| torch cpu kernels | {torch.backends.cpu.get_cpu_capability()} |" in report

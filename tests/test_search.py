@@ -227,6 +227,37 @@ def test_resume_with_another_top_k_keeps_every_recorded_loss(single, assets, tmp
     assert kept == [after["best"]["name"]]
 
 
+def test_sigterm_mid_candidate_saves_its_distillation_and_resume_finishes_the_search(
+        single, assets, tmp_path, monkeypatch, capsys):
+    """A real SIGTERM during the second candidate's distillation: it finishes the step, saves,
+    and the search exits 75 with one line; the same command then finishes with the losses of
+    an uninterrupted search."""
+    save = tmp_path / "search"
+    args = search_args(assets, save)
+    steps, step = [], runner.SearchProgress.step
+
+    def step_then_signal(view, iteration, metrics):
+        step(view, iteration, metrics)
+        steps.append(iteration)
+        if len(steps) == ITERS + 2:  # the second candidate's second step
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(runner.SearchProgress, "step", step_then_signal)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(args)
+    assert exit_info.value.code == 75
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    stopped = re.fullmatch(r"minitron search: SIGTERM received: candidate (\S+)'s distillation "
+                           r"saved at iteration 2 of 4 in (\S+); rerun the same command to "
+                           r"continue the search from there", last)
+    assert stopped, last
+    assert latest_iteration(stopped[2]) == 2
+    monkeypatch.undo()
+    cli.main(args)
+    after = json.loads((save / "search_results.json").read_text())
+    assert after["complete"] and _losses(after) == _losses(single[1])
+
+
 def _scores_variant(assets, tmp_path, **changes):
     """The assets' scores file with fields replaced (another model's, no depth metrics)."""
     import dataclasses
@@ -259,9 +290,9 @@ BAD = {
     "other-search": (["--candidate-train-iters", "2"],
                      r"holds a search with other settings \(recorded → now: "
                      r"train.train_iters 4 → 2\)"),
-    "data-too-short": (["--candidate-train-iters", "100000"],
-                       "fewer than the 400000 requested.*--candidate-train-iters × "
-                       "--global-batch-size = 400000 training samples"),
+    "data-too-short": (["--candidate-eval-iters", "100000"],  # training cycles epochs
+                       "valid split .* fewer than the 400000 requested.*"
+                       "--candidate-eval-iters × --global-batch-size = 400000 held-out"),
     "seq-length": (["--seq-length", "100000"],
                    "--seq-length 100000 exceeds the model's max_position_embeddings=256"),
 }

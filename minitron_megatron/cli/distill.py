@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from minitron_megatron.cli.common import (
     DTYPES,
@@ -80,6 +81,15 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-interval", type=int, default=0)
     g.add_argument("--eval-iters", type=int, default=1)
     g.add_argument("--exit-interval", type=int, default=0)
+    g.add_argument("--no-exit-signal-handler", action="store_true",
+                   help="let SIGTERM/SIGINT kill the run at once (default: finish the step, "
+                        "save, exit with status 75; resume with --load)")
+    g.add_argument("--override-opt-param-scheduler", "--override-opt_param-scheduler",
+                   action="store_true", dest="override_opt_param_scheduler",
+                   help="on resume, use this command's LR schedule instead of the saved one")
+    g.add_argument("--use-checkpoint-opt-param-scheduler", "--use-checkpoint-opt_param-scheduler",
+                   action="store_true", dest="use_checkpoint_opt_param_scheduler",
+                   help="on resume, keep the saved LR schedule even where the flags differ")
     add_schedule_args(g)
     add_data_args(p)
     add_parallel_args(p)
@@ -125,11 +135,16 @@ def _run(args, *, student_path: str, teacher_path: str | None, kd) -> None:
     from minitron_megatron.distill.preflight import check_run
     from minitron_megatron.distill.training import Trainer
     from minitron_megatron.runtime.distributed import LaunchEnv
+    from minitron_megatron.runtime.signals import EXIT_INTERRUPTED
 
     dtype = params_dtype(args)
     train = train_config(args, dtype, save=args.save, load=args.load,
                          train_iters=args.train_iters, eval_interval=args.eval_interval,
-                         eval_iters=args.eval_iters, exit_interval=args.exit_interval)
+                         eval_iters=args.eval_iters, exit_interval=args.exit_interval,
+                         exit_signal_handler=not args.no_exit_signal_handler,
+                         override_opt_param_scheduler=args.override_opt_param_scheduler,
+                         use_checkpoint_opt_param_scheduler=(
+                             args.use_checkpoint_opt_param_scheduler))
     data = data_config(args)
     student = find_checkpoint(student_path)
     teacher = find_checkpoint(teacher_path) if teacher_path else None
@@ -145,7 +160,16 @@ def _run(args, *, student_path: str, teacher_path: str | None, kd) -> None:
             summary = {"save": str(train.save), "iteration": result.state.iteration}
             if evals:
                 summary["val_loss"] = evals[-1]["val_loss"]
+            if result.interrupted:
+                summary["interrupted"] = result.interrupted
             print(json.dumps(summary), flush=True)
+        if result.interrupted:
+            if ps.rank == 0:
+                how = "" if train.load == train.save else f" with --load {train.save}"
+                print(f"minitron {args.command}: {result.interrupted} received: saved iteration "
+                      f"{result.state.iteration} of {train.train_iters} in {train.save}; rerun "
+                      f"the same command{how} to continue", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_INTERRUPTED)
 
 
 def run_distill(args: argparse.Namespace) -> None:

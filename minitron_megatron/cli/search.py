@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from minitron_megatron.cli.common import add_data_args, add_parallel_args, parallel_config
 from minitron_megatron.cli.distill import add_kd_args, add_schedule_args
@@ -68,6 +69,7 @@ def run(args: argparse.Namespace) -> None:
     from minitron_megatron.errors import MissingInputError
     from minitron_megatron.importance import Scores
     from minitron_megatron.runtime.distributed import LaunchEnv
+    from minitron_megatron.runtime.signals import EXIT_INTERRUPTED, RunInterrupted
     from minitron_megatron.search import SearchConfig, SearchSpace, prepare_search, run_search
 
     teacher = find_checkpoint(args.load)
@@ -92,4 +94,9 @@ def run(args: argparse.Namespace) -> None:
                           world_size=LaunchEnv.from_environ(os.environ).world_size,
                           params_dtype=dtype, seed=args.seed)
     with run_distributed(parallel) as ps:
-        run_search(plan, ps, params_dtype=dtype, seed=args.seed)
+        try:
+            run_search(plan, ps, params_dtype=dtype, seed=args.seed)
+        except RunInterrupted as stop:
+            if ps.rank == 0:
+                print(f"minitron search: {stop}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_INTERRUPTED) from None

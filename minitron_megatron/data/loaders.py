@@ -9,7 +9,7 @@ broadcast.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,12 +123,16 @@ def check_token_ids(prefix: str, padded_vocab_size: int) -> None:
 
 
 def build_datasets(cfg: DataConfig, *, eod_id: int, vocab_size: int,
-                   num_samples: dict[str, int], padded_vocab_size: int | None = None):
+                   num_samples: dict[str, int], repeat: Collection[str] = (),
+                   padded_vocab_size: int | None = None):
     """Megatron ``GPTDataset`` per split name in ``num_samples`` (collective when distributed).
 
-    Raises ``UserError`` when a split cannot give that many distinct samples of the sequence
-    length (a split shorter than one sample included), or, given the model's
-    ``padded_vocab_size``, when a token id falls outside it.
+    A split named in ``repeat`` (training) cycles its documents when asked for more samples
+    than one pass gives: GPTDataset's multi-epoch index, each epoch a new shuffle. Any other
+    split (validation, evaluation, calibration) never counts a sample twice: ``UserError``
+    when it cannot give that many distinct samples of the sequence length. A split shorter
+    than one sample is refused either way, and so, given the model's ``padded_vocab_size``,
+    is a token id outside it.
     """
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
@@ -150,36 +154,40 @@ def build_datasets(cfg: DataConfig, *, eod_id: int, vocab_size: int,
     )
     if padded_vocab_size is not None:
         check_token_ids(cfg.data_path, padded_vocab_size)
-    sizes = [max(num_samples.get(name, 0), 1) if name in num_samples else 0 for name in SPLITS]
-    _check_split_sizes(cfg, sizes)
-    datasets = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
-    out = {}
-    for name, dataset in zip(SPLITS, datasets):
-        if name not in num_samples:
-            continue
-        available = distinct_samples(dataset, cfg.seq_length)
-        if num_samples[name] > available:
+    for name, available in _split_samples(cfg, list(num_samples)).items():
+        if num_samples[name] > available and (name not in repeat or available == 0):
             raise UserError(
                 f"the {name} split of {cfg.data_path} holds {available} distinct samples of "
                 f"{cfg.seq_length} tokens, fewer than the {num_samples[name]} requested; lower "
                 f"the sample count or seq-length, change --split, or preprocess more text."
             )
-        out[name] = dataset
-    return out
+    sizes = [max(num_samples.get(name, 0), 1) if name in num_samples else 0 for name in SPLITS]
+    datasets = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+    return {name: dataset for name, dataset in zip(SPLITS, datasets) if name in num_samples}
 
 
-def _check_split_sizes(cfg: DataConfig, sizes: list[int]) -> None:
+def _split_samples(cfg: DataConfig, names: list[str]) -> dict[str, int]:
+    """Distinct samples one pass over each named split gives (Megatron's document split),
+    before any index is built; refuses an empty split."""
     from megatron.core.datasets.utils import normalize
 
     shares = normalize([float(x) for x in cfg.split.split(",")])
-    n_docs = len(_open_indexed(cfg.data_path).document_indices) - 1
-    begin = 0.0
-    for name, share, size in zip(SPLITS, shares, sizes):
+    index = _open_indexed(cfg.data_path)  # the lengths are a view of its memory map
+    lengths = index.sequence_lengths
+    n_docs = len(index.document_indices) - 1
+    begin, out = 0.0, {}
+    for name, share in zip(SPLITS, shares):
         end = begin + share
-        if size and round(end * n_docs) <= round(begin * n_docs):
+        first, stop = round(begin * n_docs), round(end * n_docs)
+        begin = end
+        if name not in names:
+            continue
+        if stop <= first:
             raise UserError(f"the {name} split of {cfg.data_path} is empty ({n_docs} documents, "
                             f"--split {cfg.split}); give it a larger share or more documents.")
-        begin = end
+        out[name] = max(int(lengths[first:stop].sum()) - 1, 0) // cfg.seq_length
+    del lengths, index
+    return out
 
 
 def distinct_samples(dataset, seq_length: int) -> int:

@@ -35,6 +35,8 @@ from minitron_megatron.checkpoint import (
 )
 from minitron_megatron.checkpoint_manifest import explain_load_error, verify_files
 from minitron_megatron.config import ModelConfig
+from minitron_megatron.distill.config import TrainConfig
+from minitron_megatron.errors import UserError
 from minitron_megatron.runtime.distributed import ParallelState
 
 log = logging.getLogger("minitron.distill")
@@ -135,11 +137,62 @@ def resumable_checkpoint(load: Path | None, student_config: ModelConfig) -> Chec
     return info
 
 
+def _schedule_of(train: TrainConfig) -> dict[str, tuple[Any, str]]:
+    """The LR schedule a ``TrainConfig`` gives, as Megatron's ``OptimizerParamScheduler`` saves
+    it: state key → (value, the flag that sets it)."""
+    decay_flag = (f"--lr-decay-iters {train.lr_decay_iters}" if train.lr_decay_iters is not None
+                  else f"--train-iters {train.train_iters}")
+    return {"max_lr": (train.lr, f"--lr {train.lr:g}"),
+            "min_lr": (train.min_lr, f"--min-lr {train.min_lr:g}"),
+            "lr_warmup_steps": (train.lr_warmup_iters,
+                                f"--lr-warmup-iters {train.lr_warmup_iters}"),
+            "lr_decay_steps": (train.decay_iters, decay_flag),
+            "lr_decay_style": (train.lr_decay_style, f"--lr-decay-style {train.lr_decay_style}"),
+            "start_wd": (train.weight_decay, f"--weight-decay {train.weight_decay:g}")}
+
+
+_SCHEDULE_NAMES = {"max_lr": "peak LR", "min_lr": "minimum LR", "lr_warmup_steps": "warmup steps",
+                   "lr_decay_steps": "LR decay steps", "lr_decay_style": "decay style",
+                   "start_wd": "weight decay"}
+
+
+def check_schedule(info: CheckpointInfo, train: TrainConfig) -> None:
+    """Refuse (``UserError``) to resume from ``info`` when its saved LR schedule differs from
+    ``train``'s, unless ``train`` says which one to follow (Megatron-LM's
+    ``--override-opt_param-scheduler`` / ``--use-checkpoint-opt_param-scheduler``)."""
+    from megatron.core import dist_checkpointing
+
+    if train.override_opt_param_scheduler or train.use_checkpoint_opt_param_scheduler:
+        return
+    verify_files(info.path)  # the first read of a resume: checksums before unpickling
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(info.path))
+    except pickle.UnpicklingError as err:
+        raise explain_load_error(err, info.path) from None
+    saved = common.get("opt_param_scheduler")
+    if saved is None:
+        return  # not a training checkpoint: load_training_checkpoint says so
+    diff = [f"{_SCHEDULE_NAMES[key]} {saved[key]} saved, {value} now ({flag})"
+            for key, (value, flag) in _schedule_of(train).items()
+            if key in saved and saved[key] != value]
+    if diff:
+        raise UserError(
+            f"cannot resume from {info.path}: its LR schedule differs from this command's "
+            f"({'; '.join(diff)}). Pass --override-opt-param-scheduler to follow this command's "
+            f"schedule from iteration {saved.get('num_steps', '?')} on, or "
+            f"--use-checkpoint-opt-param-scheduler to keep the saved one.")
+
+
 def load_training_checkpoint(
     info: CheckpointInfo, *, student, projection, optimizer, scheduler, ps: ParallelState,
+    override_schedule: bool = False,
 ) -> TrainState:
     """Restore student, projection, optimizer, scheduler, data position and (at the same
-    layout) RNG states. Collective."""
+    layout) RNG states. Collective.
+
+    ``override_schedule``: the scheduler keeps its own LR schedule (built with
+    ``override_opt_param_scheduler``) and the optimizer's parameter groups take its peak and
+    minimum LR, which the saved optimizer state would otherwise bring back."""
     from megatron.core import dist_checkpointing
 
     verify_files(info.path)  # before reading common.pt (load_checkpoint's own check is cached)
@@ -165,6 +218,10 @@ def load_training_checkpoint(
     with torch.no_grad():  # in-place copies into the (distributed) optimizer's main weights
         optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(common["opt_param_scheduler"])
+    if override_schedule:
+        for group in optimizer.param_groups:
+            group["max_lr"], group["min_lr"] = scheduler.max_lr, scheduler.min_lr
+        scheduler.step(increment=0)  # this step's LR from the new schedule
     if same_layout:
         _set_rng_state(loaded["rng_state"])
     return TrainState(iteration=train_state["iteration"],

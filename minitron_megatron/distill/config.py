@@ -136,6 +136,19 @@ class TrainConfig:
     """Stop (after saving) once the iteration is a multiple of this; 0 never (as Megatron-LM's
     --exit-interval: split a long run into jobs that fit a time limit)."""
 
+    exit_signal_handler: bool = True
+    """On SIGTERM (SLURM preemption, time limit) or SIGINT (Ctrl-C): finish the current step,
+    save, and stop (``RunResult.interrupted``); all ranks agree on the step. ``False`` leaves
+    the signals' default action (the process dies; up to ``save_interval`` steps are lost)."""
+
+    override_opt_param_scheduler: bool = False
+    """On resume, take this config's LR schedule (lr, min_lr, warmup, decay steps and style,
+    weight decay) instead of the checkpoint's, from the saved iteration on."""
+
+    use_checkpoint_opt_param_scheduler: bool = False
+    """On resume, keep the checkpoint's LR schedule even where this config's differs. With
+    neither flag a resume whose schedule differs is refused (as Megatron-LM does)."""
+
     use_distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks (GPU; needs bf16/fp16 params)."""
 
@@ -164,6 +177,10 @@ class TrainConfig:
         if self.lr_warmup_iters >= self.decay_iters and self.lr_decay_style != "constant":
             raise UserError(f"--lr-warmup-iters ({self.lr_warmup_iters}) must be smaller than "
                             f"the decay steps ({self.decay_iters}).")
+        if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
+            raise UserError("--override-opt-param-scheduler takes this command's LR schedule "
+                            "and --use-checkpoint-opt-param-scheduler the saved one; pass one "
+                            "of them.")
         if self.clip_grad < 0:
             raise UserError(f"--clip-grad must be ≥ 0, got {self.clip_grad}.")
         object.__setattr__(self, "save", Path(self.save))

@@ -11,7 +11,7 @@ import torch
 
 from minitron_megatron.checkpoint import CheckpointInfo
 from minitron_megatron.config import ParallelConfig
-from minitron_megatron.distill.checkpointing import resumable_checkpoint
+from minitron_megatron.distill.checkpointing import check_schedule, resumable_checkpoint
 from minitron_megatron.distill.config import KDConfig, TrainConfig
 from minitron_megatron.distill.progress import require_wandb
 from minitron_megatron.errors import UserError
@@ -60,7 +60,9 @@ def check_run(*, student: CheckpointInfo, teacher: CheckpointInfo | None, kd: KD
                             f"({teacher.model_config.padded_vocab_size}); choose a smaller k.")
         (kd or KDConfig()).check_layers(student.model_config.num_layers,
                                         teacher.model_config.num_layers)
-    resumable_checkpoint(train.load, student.model_config)
+    resume = resumable_checkpoint(train.load, student.model_config)
+    if resume is not None:
+        check_schedule(resume, train)
     if train.wandb_project:
         require_wandb()
     if train.use_distributed_optimizer and params_dtype == torch.float32:

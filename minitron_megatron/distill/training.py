@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -29,9 +30,15 @@ from typing import Any
 import torch
 
 from minitron_megatron.checkpoint import CheckpointInfo, load_checkpoint
-from minitron_megatron.data.loaders import DataConfig, build_datasets, shard_for_data_parallel
+from minitron_megatron.data.loaders import (
+    DataConfig,
+    build_datasets,
+    distinct_samples,
+    shard_for_data_parallel,
+)
 from minitron_megatron.distill.checkpointing import (
     TrainState,
+    check_schedule,
     load_training_checkpoint,
     resumable_checkpoint,
     save_training_checkpoint,
@@ -44,6 +51,9 @@ from minitron_megatron.errors import NonFiniteResultError, UserError
 from minitron_megatron.evaluate import eod_id_of
 from minitron_megatron.model.build import build_model
 from minitron_megatron.runtime.distributed import ParallelState
+from minitron_megatron.runtime.signals import ExitSignals
+
+log = logging.getLogger("minitron.distill")
 
 
 class TrainingDiverged(NonFiniteResultError):
@@ -56,6 +66,11 @@ class RunResult:
     state: TrainState
     history: list[dict[str, Any]] = field(default_factory=list)
     """Per-step metrics and evaluations (the same records as ``metrics.jsonl``)."""
+
+    interrupted: str | None = None
+    """Name of the signal (``"SIGTERM"``, ``"SIGINT"``) that stopped the run before
+    ``train_iters``, after saving ``state.iteration``; ``None`` when it ran to its end (or to
+    its exit interval)."""
 
 
 class Trainer:
@@ -76,13 +91,17 @@ class Trainer:
     def _build(self) -> None:
         self.datasets = self._datasets()  # data errors come before any model is built
         resume = resumable_checkpoint(self.train_cfg.load, self.student_info.model_config)
+        if resume is not None:
+            check_schedule(resume, self.train_cfg)
+            self._check_data_order(resume)
         self._build_models(load_student=resume is None)
         self._build_optimizer()
         self.state = TrainState()
         if resume is not None:
             self.state = load_training_checkpoint(
                 resume, student=self.student, projection=self.model.projection,
-                optimizer=self.optimizer, scheduler=self.scheduler, ps=self.ps)
+                optimizer=self.optimizer, scheduler=self.scheduler, ps=self.ps,
+                override_schedule=self.train_cfg.override_opt_param_scheduler)
 
     def _build_models(self, *, load_student: bool) -> None:
         """Student (loaded unless a resume restores it) and frozen teacher, this rank's stage."""
@@ -135,7 +154,10 @@ class Trainer:
             self.optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr,
             lr_warmup_steps=t.lr_warmup_iters, lr_decay_steps=t.decay_iters,
             lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
-            wd_incr_steps=t.train_iters, wd_incr_style="constant")
+            wd_incr_steps=t.train_iters, wd_incr_style="constant",
+            # a resume whose schedule differs was refused unless one of these two was asked for
+            override_opt_param_scheduler=t.override_opt_param_scheduler,
+            use_checkpoint_opt_param_scheduler=not t.override_opt_param_scheduler)
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = self.ddp.no_sync
         config.grad_scale_func = self.optimizer.scale_loss
@@ -146,9 +168,10 @@ class Trainer:
         if t.eval_interval:
             needed["valid"] = t.eval_iters * t.global_batch_size
         try:
-            return build_datasets(self.data, eod_id=eod_id_of(info),
-                                  vocab_size=info.model_config.vocab_size, num_samples=needed,
-                                  padded_vocab_size=info.model_config.padded_vocab_size)
+            datasets = build_datasets(self.data, eod_id=eod_id_of(info),
+                                      vocab_size=info.model_config.vocab_size,
+                                      num_samples=needed, repeat=("train",),
+                                      padded_vocab_size=info.model_config.padded_vocab_size)
         except UserError as err:
             want = f"--train-iters × --global-batch-size = {needed['train']} training samples"
             if "valid" in needed:
@@ -156,6 +179,30 @@ class Trainer:
                          f"validation samples")
             raise UserError(f"{err} (this run needs {want} of --seq-length "
                             f"{self.data.seq_length} tokens)") from None
+        if self.ps.rank == 0:
+            per_epoch = distinct_samples(datasets["train"], self.data.seq_length)
+            log.info("training data: %d samples of %d tokens = %.2f epochs of the train split "
+                     "(%d distinct samples)", needed["train"], self.data.seq_length,
+                     needed["train"] / per_epoch, per_epoch)
+        return datasets
+
+    def _check_data_order(self, resume: CheckpointInfo) -> None:
+        """Warn when a resume changes the sample order: GPTDataset's index over more than one
+        epoch depends on the number of samples the run asks for (its --train-iters)."""
+        saved = resume.path / "run_config.json"
+        if self.ps.rank != 0 or not saved.is_file():
+            return
+        before = json.loads(saved.read_text())["train"]
+        t = self.train_cfg
+        old, new = (before["train_iters"] * before["global_batch_size"],
+                    t.train_iters * t.global_batch_size)
+        per_epoch = distinct_samples(self.datasets["train"], self.data.seq_length)
+        if old != new and max(old, new) > per_epoch:
+            log.warning("the run now asks for %d training samples instead of %d over %d-sample "
+                        "epochs: Megatron's multi-epoch index is built for the run's length, so "
+                        "the samples from iteration %d on follow another order (some may repeat "
+                        "or be skipped within an epoch)", new, old, per_epoch,
+                        resume.iteration + 1)
 
     # ------------------------------------------------------------------ steps
     def train_step(self) -> dict[str, float]:
@@ -235,40 +282,56 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def run(self, on_step: Callable[[int, dict[str, float]], None] | None = None) -> RunResult:
         """Train up to ``train_iters`` steps (from where a resumed run stands): log, evaluate
-        and checkpoint on their intervals, save at the end (or at the exit interval).
+        and checkpoint on their intervals, save at the end (or at the exit interval, or after
+        the step during which SIGTERM/SIGINT arrived: ``RunResult.interrupted``).
 
         ``on_step(iteration, metrics)`` is called on every rank after each step (a caller's
         progress view, e.g. the architecture search's ETA)."""
         t = self.train_cfg
-        exit_interval = t.exit_interval
         progress = Progress(t.save, total_iters=t.train_iters, start_iter=self.state.iteration,
                             active=self.ps.rank == 0, wandb_project=t.wandb_project,
                             wandb_run_name=t.wandb_run_name, run_config=self.run_config())
-        try:
-            if self.state.iteration == 0 and t.eval_interval:
+        signals = ExitSignals() if t.exit_signal_handler else ExitSignals(signals=())
+        with signals:
+            try:
+                interrupted = self._loop(progress, signals, on_step)
+            finally:
+                progress.close()
+        return RunResult(state=self.state, history=self.history, interrupted=interrupted)
+
+    def _loop(self, progress: Progress, signals: ExitSignals,
+              on_step: Callable[[int, dict[str, float]], None] | None) -> str | None:
+        """The steps of ``run``; returns the name of the signal that stopped them early."""
+        t = self.train_cfg
+        if self.state.iteration == 0 and t.eval_interval:
+            self._record_eval(progress)
+        while self.state.iteration < t.train_iters:
+            metrics = self.train_step()
+            it = self.state.iteration
+            progress.step(it, metrics)
+            self.history.append({"iteration": it, **metrics})
+            last = it == t.train_iters
+            if it % t.log_interval == 0 or last:
+                progress.flush_line(it)
+            if on_step is not None:
+                on_step(it, metrics)
+            if t.eval_interval and (it % t.eval_interval == 0 or last):
                 self._record_eval(progress)
-            while self.state.iteration < t.train_iters:
-                metrics = self.train_step()
-                it = self.state.iteration
-                progress.step(it, metrics)
-                self.history.append({"iteration": it, **metrics})
-                last = it == t.train_iters
-                if it % t.log_interval == 0 or last:
-                    progress.flush_line(it)
-                if on_step is not None:
-                    on_step(it, metrics)
-                if t.eval_interval and (it % t.eval_interval == 0 or last):
-                    self._record_eval(progress)
-                stop = bool(exit_interval) and it % exit_interval == 0
-                if last or stop or (t.save_interval and it % t.save_interval == 0):
-                    path = self.save()
-                    progress.note(f"saved {path}")
-                if stop and not last:
-                    progress.note(f"exiting at iteration {it} (exit interval {exit_interval})")
-                    break
-        finally:
-            progress.close()
-        return RunResult(state=self.state, history=self.history)
+            received = signals.agreed(self.ps.device)  # the same on every rank
+            stop = bool(t.exit_interval) and it % t.exit_interval == 0
+            if last or stop or received or (t.save_interval and it % t.save_interval == 0):
+                path = self.save()
+                progress.note(f"saved {path}")
+            if last:
+                break
+            if received is not None:
+                progress.note(f"{received.name} received: stopped after iteration {it} of "
+                              f"{t.train_iters}")
+                return received.name
+            if stop:
+                progress.note(f"exiting at iteration {it} (exit interval {t.exit_interval})")
+                break
+        return None
 
     def _record_eval(self, progress: Progress) -> None:
         result = self.evaluate()

@@ -33,7 +33,9 @@ from minitron_megatron.search.results import SearchResults
 from minitron_megatron.search.space import AXES, Candidate, SearchSpace, enumerate_candidates
 
 _UNSCORED_TRAIN_FIELDS = ("save", "load", "save_interval", "log_interval", "exit_interval",
-                          "eval_interval", "wandb_project", "wandb_run_name")
+                          "eval_interval", "wandb_project", "wandb_run_name",
+                          "exit_signal_handler", "override_opt_param_scheduler",
+                          "use_checkpoint_opt_param_scheduler")
 """Training fields that do not change any number of the search (may differ on resume)."""
 
 

@@ -43,6 +43,7 @@ from minitron_megatron.model.build import build_model
 from minitron_megatron.pruning import apply_plan, prune_checkpoint
 from minitron_megatron.pruning.apply import PLAN_FILE
 from minitron_megatron.runtime.distributed import ParallelState, seed_everything
+from minitron_megatron.runtime.signals import RunInterrupted
 from minitron_megatron.search.preflight import SearchPlan
 from minitron_megatron.search.progress import SearchProgress
 from minitron_megatron.search.results import CandidateResult, SearchResults
@@ -57,14 +58,15 @@ def _barrier() -> None:
 
 
 def _datasets(plan: SearchPlan):
-    """The held-out samples every loss is measured on; also checks the training split holds
-    a distillation's samples (before any work)."""
+    """The held-out samples every loss is measured on (never one twice); also checks the
+    training split can feed a distillation (cycling epochs if it must) before any work."""
     t, info = plan.train, plan.teacher
     needed = {"train": t.train_iters * t.global_batch_size, "valid": plan.eval_samples}
     try:
         return build_datasets(plan.data, eod_id=eod_id_of(info),
                               vocab_size=info.model_config.vocab_size, num_samples=needed,
-                              padded_vocab_size=info.model_config.padded_vocab_size)["valid"]
+                              padded_vocab_size=info.model_config.padded_vocab_size,
+                              repeat=("train",))["valid"]
     except UserError as err:
         raise UserError(f"{err} (each candidate needs --candidate-train-iters × "
                         f"--global-batch-size = {needed['train']} training samples and "
@@ -126,8 +128,13 @@ def _distill(plan: SearchPlan, record: CandidateResult, ps: ParallelState, valid
         wandb_run_name=f"{plan.train.wandb_run_name or 'search'}-{record.name}")
     trainer = Trainer(train=train, kd=plan.kd, data=plan.data, student=find_checkpoint(pruned_dir),
                       teacher=plan.teacher, ps=ps, params_dtype=params_dtype, seed=seed)
-    trainer.run(on_step=view.step)
+    result = trainer.run(on_step=view.step)
     del trainer
+    if result.interrupted:
+        raise RunInterrupted(result.interrupted, (
+            f"{result.interrupted} received: candidate {record.name}'s distillation saved at "
+            f"iteration {result.state.iteration} of {train.train_iters} in {kd_dir}; rerun the "
+            f"same command to continue the search from there"))
     gc.collect()
     # the saved student, as anyone loading the kept checkpoint gets it
     distilled = find_checkpoint(kd_dir)
