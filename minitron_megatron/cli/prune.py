@@ -41,8 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     from minitron_megatron.checkpoint import find_checkpoint
     from minitron_megatron.importance import Scores
-    from minitron_megatron.pruning import PruneTargets, make_plan, prune_checkpoint
-    from minitron_megatron.pruning.apply import check_prune_inputs, check_same_model
+    from minitron_megatron.pruning import PruneTargets, prune_checkpoint
+    from minitron_megatron.pruning.preflight import check_prune
 
     info = find_checkpoint(args.load)
     scores = Scores.load(args.scores)
@@ -53,15 +53,10 @@ def run(args: argparse.Namespace) -> None:
         depth_method=args.depth_method, drop_layers=args.drop_layers,
         head_residual=args.head_residual)
     parallel = parallel_config(args)
-    layout = dict(tensor_parallel=parallel.tensor_model_parallel_size,
-                  pipeline_parallel=parallel.pipeline_model_parallel_size)
-    info.model_config.check_parallel(**layout)
-    check_same_model(scores.model_config, info)
-    plan = make_plan(scores, targets)
-    check_prune_inputs(info, plan, args.save, overwrite=args.overwrite, **layout)
+    plan = check_prune(info=info, scores=scores, targets=targets, save=args.save,
+                       parallel=parallel, overwrite=args.overwrite)
     with run_distributed(parallel) as ps:
-        path = prune_checkpoint(info, plan, args.save, ps, params_dtype=DTYPES[args.params_dtype],
-                                overwrite=args.overwrite)
+        path = prune_checkpoint(info, plan, args.save, ps, params_dtype=DTYPES[args.params_dtype])
         if ps.rank == 0:
             print(json.dumps({"save": str(path), "source_parameters":
                               plan.source.num_parameters(), "parameters":

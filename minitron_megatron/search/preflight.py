@@ -27,7 +27,7 @@ from minitron_megatron.errors import UserError
 from minitron_megatron.importance import Scores
 from minitron_megatron.output_paths import check_output_dir
 from minitron_megatron.pruning import PrunePlan, PruneTargets, make_plan
-from minitron_megatron.pruning.apply import check_same_model
+from minitron_megatron.pruning.preflight import check_same_model
 from minitron_megatron.search.config import RESULTS_JSON, SearchConfig
 from minitron_megatron.search.results import SearchResults
 from minitron_megatron.search.space import AXES, Candidate, SearchSpace, enumerate_candidates
