@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
-import os
-from collections.abc import Iterator
 
 import torch
 
+from minitron_megatron.api import launch_env, run_distributed  # noqa: F401  (the run edge)
 from minitron_megatron.config import ParallelConfig
-from minitron_megatron.runtime.distributed import LaunchEnv, ParallelState, distributed
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -50,17 +46,6 @@ def parallel_config(args: argparse.Namespace) -> ParallelConfig:
         seed=args.seed,
         timeout_minutes=args.distributed_timeout_minutes,
     )
-
-
-@contextlib.contextmanager
-def run_distributed(parallel: ParallelConfig) -> Iterator[ParallelState]:
-    """The edge: read the launcher's environment, start the groups, log on rank 0 only."""
-    env = LaunchEnv.from_environ(os.environ)
-    parallel.data_parallel_size(env.world_size)  # fail before any work
-    if env.rank != 0:
-        logging.getLogger().setLevel(logging.WARNING)
-    with distributed(env, parallel) as ps:
-        yield ps
 
 
 def single_process() -> ParallelConfig:

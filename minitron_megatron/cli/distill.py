@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from minitron_megatron.cli.common import (
@@ -13,8 +12,8 @@ from minitron_megatron.cli.common import (
     add_data_args,
     add_parallel_args,
     data_config,
+    launch_env,
     parallel_config,
-    run_distributed,
 )
 
 
@@ -130,11 +129,7 @@ def kd_config(args):
 
 
 def _run(args, *, student_path: str, teacher_path: str | None, kd) -> None:
-
-    from minitron_megatron.checkpoint import find_checkpoint
-    from minitron_megatron.distill.preflight import check_run
-    from minitron_megatron.distill.training import Trainer
-    from minitron_megatron.runtime.distributed import LaunchEnv
+    from minitron_megatron.api import distill
     from minitron_megatron.runtime.signals import EXIT_INTERRUPTED
 
     dtype = params_dtype(args)
@@ -145,31 +140,25 @@ def _run(args, *, student_path: str, teacher_path: str | None, kd) -> None:
                          override_opt_param_scheduler=args.override_opt_param_scheduler,
                          use_checkpoint_opt_param_scheduler=(
                              args.use_checkpoint_opt_param_scheduler))
-    data = data_config(args)
-    student = find_checkpoint(student_path)
-    teacher = find_checkpoint(teacher_path) if teacher_path else None
-    parallel = parallel_config(args)
-    check_run(student=student, teacher=teacher, kd=kd, train=train, parallel=parallel,
-              world_size=LaunchEnv.from_environ(os.environ).world_size, params_dtype=dtype,
-              seq_length=data.seq_length)
-    with run_distributed(parallel) as ps:
-        result = Trainer(train=train, kd=kd, data=data, student=student, teacher=teacher,
-                         ps=ps, params_dtype=dtype, seed=args.seed).run()
-        if ps.rank == 0:  # one JSON summary line, like evaluate / importance / prune
-            evals = [h for h in result.history if "val_loss" in h]
-            summary = {"save": str(train.save), "iteration": result.state.iteration}
-            if evals:
-                summary["val_loss"] = evals[-1]["val_loss"]
-            if result.interrupted:
-                summary["interrupted"] = result.interrupted
-            print(json.dumps(summary), flush=True)
+    launch = launch_env()
+    result = distill(student=student_path, teacher=teacher_path, train=train, kd=kd,
+                     data=data_config(args), parallel=parallel_config(args), params_dtype=dtype,
+                     launch=launch)
+    if launch.rank == 0:  # one JSON summary line, like evaluate / importance / prune
+        evals = [h for h in result.history if "val_loss" in h]
+        summary = {"save": str(train.save), "iteration": result.state.iteration}
+        if evals:
+            summary["val_loss"] = evals[-1]["val_loss"]
         if result.interrupted:
-            if ps.rank == 0:
-                how = "" if train.load == train.save else f" with --load {train.save}"
-                print(f"minitron {args.command}: {result.interrupted} received: saved iteration "
-                      f"{result.state.iteration} of {train.train_iters} in {train.save}; rerun "
-                      f"the same command{how} to continue", file=sys.stderr, flush=True)
-            raise SystemExit(EXIT_INTERRUPTED)
+            summary["interrupted"] = result.interrupted
+        print(json.dumps(summary), flush=True)
+    if result.interrupted:
+        if launch.rank == 0:
+            how = "" if train.load == train.save else f" with --load {train.save}"
+            print(f"minitron {args.command}: {result.interrupted} received: saved iteration "
+                  f"{result.state.iteration} of {train.train_iters} in {train.save}; rerun "
+                  f"the same command{how} to continue", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_INTERRUPTED)
 
 
 def run_distill(args: argparse.Namespace) -> None:

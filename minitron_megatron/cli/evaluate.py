@@ -11,8 +11,8 @@ from minitron_megatron.cli.common import (
     add_data_args,
     add_parallel_args,
     data_config,
+    launch_env,
     parallel_config,
-    run_distributed,
 )
 
 
@@ -28,25 +28,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from minitron_megatron.checkpoint import find_checkpoint
-    from minitron_megatron.evaluate import EvalConfig, evaluate_checkpoint
+    from minitron_megatron.api import evaluate
+    from minitron_megatron.evaluate import EvalConfig
     from minitron_megatron.output_paths import check_output_file
 
-    info = find_checkpoint(args.load)
     if args.output_json:
         check_output_file(args.output_json, "--output-json")
-    data = data_config(args)
-    run = EvalConfig(num_samples=args.eval_samples, micro_batch_size=args.micro_batch_size)
-    parallel = parallel_config(args)
-    info.model_config.check_parallel(tensor_parallel=parallel.tensor_model_parallel_size,
-                                     pipeline_parallel=parallel.pipeline_model_parallel_size)
-    info.model_config.check_seq_length(data.seq_length)
-    with run_distributed(parallel) as ps:
-        result = evaluate_checkpoint(info, ps, data, num_samples=run.num_samples,
-                                     micro_batch_size=run.micro_batch_size,
-                                     params_dtype=DTYPES[args.params_dtype])
-        if ps.rank == 0:
-            line = json.dumps(result.to_dict())
-            print(line, flush=True)
-            if args.output_json:
-                Path(args.output_json).write_text(line + "\n")
+    launch = launch_env()
+    result = evaluate(load=args.load, data=data_config(args),
+                      config=EvalConfig(num_samples=args.eval_samples,
+                                        micro_batch_size=args.micro_batch_size),
+                      parallel=parallel_config(args), params_dtype=DTYPES[args.params_dtype],
+                      launch=launch)
+    if launch.rank == 0:
+        line = json.dumps(result.to_dict())
+        print(line, flush=True)
+        if args.output_json:
+            Path(args.output_json).write_text(line + "\n")

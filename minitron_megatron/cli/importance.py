@@ -5,17 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from pathlib import Path
 
 from minitron_megatron.cli.common import (
     DTYPES,
     add_data_args,
     add_parallel_args,
     data_config,
+    launch_env,
     parallel_config,
-    run_distributed,
 )
-from minitron_megatron.errors import UserError
 
 log = logging.getLogger("minitron")
 
@@ -40,32 +38,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from minitron_megatron.checkpoint import find_checkpoint
-    from minitron_megatron.importance import ImportanceConfig, importance_checkpoint
+    from minitron_megatron.api import estimate_importance
+    from minitron_megatron.importance import ImportanceConfig
     from minitron_megatron.importance.config import CalibrationConfig
 
-    info = find_checkpoint(args.load)
     config = ImportanceConfig(batch_agg=args.batch_agg, seq_agg=args.seq_agg,
                               ffn_hook=args.ffn_hook,
                               depth_metrics=tuple(m for m in args.depth_metrics.split(",") if m))
-    config.check_model(info.model_config.num_layers)
-    out = Path(args.save_scores)
-    if out.is_dir() or not out.parent.is_dir():
-        raise UserError(f"--save-scores {out} must be a file in an existing directory.")
     calibration = CalibrationConfig(num_samples=args.calib_samples,
                                     micro_batch_size=args.micro_batch_size)
-    data = data_config(args)
-    parallel = parallel_config(args)
-    info.model_config.check_parallel(tensor_parallel=parallel.tensor_model_parallel_size,
-                                     pipeline_parallel=parallel.pipeline_model_parallel_size)
-    info.model_config.check_seq_length(data.seq_length)
-    with run_distributed(parallel) as ps:
-        scores = importance_checkpoint(info, ps, data, num_samples=calibration.num_samples,
-                                       micro_batch_size=calibration.micro_batch_size,
-                                       config=config,
-                                       params_dtype=DTYPES[args.params_dtype])
-        if ps.rank == 0:
-            scores.save(out)
-            print(json.dumps({"scores": str(out), "calibration_loss": scores.calibration_loss,
-                              "samples": scores.num_samples, "tokens": scores.num_tokens,
-                              "depth_metrics": list(scores.depth)}), flush=True)
+    launch = launch_env()
+    scores = estimate_importance(load=args.load, data=data_config(args), calibration=calibration,
+                                 config=config, parallel=parallel_config(args),
+                                 params_dtype=DTYPES[args.params_dtype],
+                                 save_scores=args.save_scores, launch=launch)
+    if launch.rank == 0:
+        print(json.dumps({"scores": args.save_scores, "calibration_loss":
+                          scores.calibration_loss, "samples": scores.num_samples,
+                          "tokens": scores.num_tokens, "depth_metrics": list(scores.depth)}),
+              flush=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from minitron_megatron.cli.common import DTYPES, add_parallel_args, parallel_config, run_distributed
+from minitron_megatron.cli.common import DTYPES, add_parallel_args, launch_env, parallel_config
 
 
 def _layers(text: str) -> tuple[int, ...]:
@@ -39,26 +39,22 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from minitron_megatron.checkpoint import find_checkpoint
-    from minitron_megatron.importance import Scores
-    from minitron_megatron.pruning import PruneTargets, prune_checkpoint
-    from minitron_megatron.pruning.preflight import check_prune
+    from minitron_megatron.api import prune
+    from minitron_megatron.pruning import PruneTargets
 
-    info = find_checkpoint(args.load)
-    scores = Scores.load(args.scores)
     targets = PruneTargets(
         ffn_hidden_size=args.target_ffn_hidden_size, hidden_size=args.target_hidden_size,
         num_attention_heads=args.target_num_attention_heads,
         num_query_groups=args.target_num_query_groups, num_layers=args.target_num_layers,
         depth_method=args.depth_method, drop_layers=args.drop_layers,
         head_residual=args.head_residual)
-    parallel = parallel_config(args)
-    plan = check_prune(info=info, scores=scores, targets=targets, save=args.save,
-                       parallel=parallel, overwrite=args.overwrite)
-    with run_distributed(parallel) as ps:
-        path = prune_checkpoint(info, plan, args.save, ps, params_dtype=DTYPES[args.params_dtype])
-        if ps.rank == 0:
-            print(json.dumps({"save": str(path), "source_parameters":
-                              plan.source.num_parameters(), "parameters":
-                              plan.target.num_parameters(), "target": plan.target.to_dict()}),
-                  flush=True)
+    launch = launch_env()
+    result = prune(load=args.load, scores=args.scores, targets=targets, save=args.save,
+                   parallel=parallel_config(args), params_dtype=DTYPES[args.params_dtype],
+                   overwrite=args.overwrite, launch=launch)
+    if launch.rank == 0:
+        plan = result.plan
+        print(json.dumps({"save": str(result.path), "source_parameters":
+                          plan.source.num_parameters(), "parameters":
+                          plan.target.num_parameters(), "target": plan.target.to_dict()}),
+              flush=True)

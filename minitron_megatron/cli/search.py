@@ -4,10 +4,15 @@ each briefly, rank them by the loss after distillation (paper §2.3 / §4.3)."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from minitron_megatron.cli.common import add_data_args, add_parallel_args, parallel_config
+from minitron_megatron.cli.common import (
+    add_data_args,
+    add_parallel_args,
+    data_config,
+    launch_env,
+    parallel_config,
+)
 from minitron_megatron.cli.distill import add_kd_args, add_schedule_args
 
 
@@ -61,42 +66,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from minitron_megatron.checkpoint import find_checkpoint
-    from minitron_megatron.cli.common import data_config, run_distributed
+    from minitron_megatron.api import search
     from minitron_megatron.cli.distill import kd_config, params_dtype, train_config
-    from minitron_megatron.errors import MissingInputError
-    from minitron_megatron.importance import Scores
-    from minitron_megatron.runtime.distributed import LaunchEnv
     from minitron_megatron.runtime.signals import EXIT_INTERRUPTED, RunInterrupted
-    from minitron_megatron.search import SearchConfig, SearchSpace, prepare_search, run_search
+    from minitron_megatron.search import SearchConfig
 
-    teacher = find_checkpoint(args.load)
-    scores = Scores.load(args.scores)
-    parallel = parallel_config(args)
-    space = SearchSpace.default(teacher.model_config,
-                                tensor_parallel=parallel.tensor_model_parallel_size)
-    if args.search_space:
-        if not Path(args.search_space).is_file():
-            raise MissingInputError(f"--search-space {args.search_space} does not exist; pass a "
-                                    f"YAML file of choices per axis.")
-        space = SearchSpace.from_yaml(args.search_space, space)
     dtype = params_dtype(args)
-    search = SearchConfig(save=args.save, target_params=args.target_params,
+    config = SearchConfig(save=args.save, target_params=args.target_params,
                           params_tolerance=args.params_tolerance, top_k=args.top_k,
                           depth_method=args.depth_method, keep_all=args.keep_all)
     train = train_config(args, dtype, save=args.save, train_iters=args.candidate_train_iters,
                          eval_iters=args.candidate_eval_iters)
-    plan = prepare_search(teacher=teacher, scores=scores, space=space, search=search,
-                          train=train, kd=kd_config(args), data=data_config(args),
-                          parallel=parallel,
-                          world_size=LaunchEnv.from_environ(os.environ).world_size,
-                          params_dtype=dtype, seed=args.seed)
-    with run_distributed(parallel) as ps:
-        try:
-            run_search(plan, ps, params_dtype=dtype, seed=args.seed)
-        except RunInterrupted as stop:
-            if ps.rank == 0:
-                print(f"minitron search: {stop}", file=sys.stderr, flush=True)
-            raise SystemExit(EXIT_INTERRUPTED) from None
+    launch = launch_env()
+    try:
+        search(load=args.load, scores=args.scores, config=config, train=train,
+               kd=kd_config(args), data=data_config(args), space=args.search_space,
+               parallel=parallel_config(args), params_dtype=dtype, launch=launch)
+    except RunInterrupted as stop:
+        if launch.rank == 0:
+            print(f"minitron search: {stop}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_INTERRUPTED) from None
