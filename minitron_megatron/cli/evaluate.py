@@ -10,18 +10,23 @@ from minitron_megatron.cli.common import (
     DTYPES,
     add_data_args,
     add_parallel_args,
+    add_params_dtype,
     data_config,
     launch_env,
     parallel_config,
 )
+from minitron_megatron.cli.options import ConfigOptions
+from minitron_megatron.evaluate import EvalConfig
+
+EVAL = ConfigOptions(EvalConfig, flags={"num_samples": "--eval-samples"})
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="validation loss / perplexity of a checkpoint")
     p.add_argument("--load", required=True, help="checkpoint directory")
-    p.add_argument("--eval-samples", type=int, required=True)
     p.add_argument("--output-json", default=None, help="also write the result here")
-    p.add_argument("--params-dtype", choices=DTYPES, default="fp32")
+    EVAL.add(p.add_argument_group("evaluation"))
+    add_params_dtype(p)
     add_data_args(p)
     add_parallel_args(p)
     p.set_defaults(func=run)
@@ -29,15 +34,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from minitron_megatron.api import evaluate
-    from minitron_megatron.evaluate import EvalConfig
     from minitron_megatron.output_paths import check_output_file
 
     if args.output_json:
         check_output_file(args.output_json, "--output-json")
     launch = launch_env()
     result = evaluate(load=args.load, data=data_config(args),
-                      config=EvalConfig(num_samples=args.eval_samples,
-                                        micro_batch_size=args.micro_batch_size),
+                      config=EVAL.build(args),
                       parallel=parallel_config(args), params_dtype=DTYPES[args.params_dtype],
                       launch=launch)
     if launch.rank == 0:

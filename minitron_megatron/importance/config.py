@@ -5,15 +5,15 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from minitron_megatron.errors import UserError
 
 Aggregation = Literal["l2", "mean", "var"]
 FfnHook = Literal["fc2-input", "fc1-output"]
 
-AGGREGATIONS = ("l2", "mean", "var")
-FFN_HOOKS = ("fc2-input", "fc1-output")
+AGGREGATIONS = get_args(Aggregation)
+FFN_HOOKS = get_args(FfnHook)
 _BLOCK = re.compile(r"^block:(\d+)$")
 
 

@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from minitron_megatron.checkpoint import TRACKER_FILE, find_checkpoint, latest_iteration
 from minitron_megatron.checkpoint import load_checkpoint as load_model
+from minitron_megatron.config import DEFAULT_SEED
 from minitron_megatron.data.loaders import build_datasets
 from minitron_megatron.distill.training import Trainer
 from minitron_megatron.errors import UserError
@@ -180,7 +181,7 @@ def _tidy(plan: SearchPlan, ps: ParallelState) -> None:
 
 
 def run_search(plan: SearchPlan, ps: ParallelState, *, params_dtype: torch.dtype = torch.float32,
-               seed: int = 1234) -> SearchResults:
+               seed: int = DEFAULT_SEED) -> SearchResults:
     """Run (or resume) the search of ``plan`` on this rank; collective over all ranks. Returns
     the results (also in ``search_results.json`` / ``.md``)."""
     results = plan.results
