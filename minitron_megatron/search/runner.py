@@ -120,8 +120,9 @@ def _distill(plan: SearchPlan, record: CandidateResult, ps: ParallelState, valid
     start = time.perf_counter()
     seed_everything(seed)  # every candidate starts from the same RNG state, resumed or not
     if not pruned_dir.exists() or latest_iteration(pruned_dir) is None:
+        # a killed try's leftovers are replaced whole (prune_checkpoint stages and renames)
         path = prune_checkpoint(plan.teacher, plan.plans[record.name], pruned_dir, ps,
-                                params_dtype=params_dtype, overwrite=True)  # a killed try
+                                params_dtype=params_dtype)
         if ps.rank == 0:
             shutil.copyfile(path / PLAN_FILE, directory / PLAN_FILE)
     train = dataclasses.replace(
