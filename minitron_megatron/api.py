@@ -1,11 +1,13 @@
 """The one-call Python API: each stage of the pipeline as one function over checkpoint paths and
 typed configs, the same functions the ``minitron`` CLI calls.
 
-Every function checks all of its inputs first (one ``UserError`` naming the problem, before any
-process group, dataset or model exists), then starts the process groups for ``parallel`` the way
-the CLI does, runs, shuts them down and returns its result. Launch the script as the CLI: plain
-``python`` for one process, ``torchrun --nproc-per-node N`` (or SLURM's ``srun``) for several;
-every rank calls the same functions with the same arguments.
+Checkpoints are given as paths (a checkpoint root or one ``iter_*`` directory) or as the
+``CheckpointInfo`` of ``checkpoint.find_checkpoint``. Every function checks all of its inputs
+first (one ``UserError`` naming the problem, before any process group, dataset or model exists),
+then starts the process groups for ``parallel`` the way the CLI does, runs, shuts them down and
+returns its result. Launch the script as the CLI: plain ``python`` for one process, ``torchrun
+--nproc-per-node N`` (or SLURM's ``srun``) for several; every rank calls the same functions with
+the same arguments.
 
 Example::
 
@@ -71,6 +73,13 @@ def run_distributed(parallel: ParallelConfig,
         yield ps
 
 
+def _checkpoint(load):
+    """A checkpoint path (root or ``iter_*`` directory), or a ``CheckpointInfo`` already found."""
+    from minitron_megatron.checkpoint import CheckpointInfo, find_checkpoint
+
+    return load if isinstance(load, CheckpointInfo) else find_checkpoint(load)
+
+
 def _check_inputs(info, parallel: ParallelConfig, seq_length: int) -> None:
     info.model_config.check_parallel(tensor_parallel=parallel.tensor_model_parallel_size,
                                      pipeline_parallel=parallel.pipeline_model_parallel_size)
@@ -100,12 +109,11 @@ def estimate_importance(*, load: str | Path, data, calibration,
             save_scores="scores.safetensors")
         scores.heads  # [layers, heads]
     """
-    from minitron_megatron.checkpoint import find_checkpoint
     from minitron_megatron.importance import ImportanceConfig, importance_checkpoint
 
     parallel = parallel or ParallelConfig()
     config = config or ImportanceConfig()
-    info = find_checkpoint(load)
+    info = _checkpoint(load)
     config.check_model(info.model_config.num_layers)
     if save_scores is not None:
         out = Path(save_scores)
@@ -145,13 +153,12 @@ def prune(*, load: str | Path, scores, targets, save: str | Path,
                        targets=PruneTargets(ffn_hidden_size=9216, num_layers=28))
         result.plan.target.num_parameters()
     """
-    from minitron_megatron.checkpoint import find_checkpoint
     from minitron_megatron.importance import Scores
     from minitron_megatron.pruning import prune_checkpoint
     from minitron_megatron.pruning.preflight import check_prune
 
     parallel = parallel or ParallelConfig()
-    info = find_checkpoint(load)
+    info = _checkpoint(load)
     if not isinstance(scores, Scores):
         scores = Scores.load(scores)
     plan = check_prune(info=info, scores=scores, targets=targets, save=save, parallel=parallel,
@@ -180,7 +187,6 @@ def distill(*, student: str | Path, train, data, teacher: str | Path | None = No
                          data=DataConfig(data_path="data/wiki", seq_length=4096))
         [h["val_loss"] for h in result.history if "val_loss" in h]
     """
-    from minitron_megatron.checkpoint import find_checkpoint
     from minitron_megatron.distill.config import KDConfig
     from minitron_megatron.distill.preflight import check_run
     from minitron_megatron.distill.training import Trainer
@@ -193,8 +199,8 @@ def distill(*, student: str | Path, train, data, teacher: str | Path | None = No
     parallel = parallel or ParallelConfig()
     params_dtype = params_dtype or default_params_dtype()
     launch = launch if launch is not None else launch_env()
-    student_info = find_checkpoint(student)
-    teacher_info = find_checkpoint(teacher) if teacher is not None else None
+    student_info = _checkpoint(student)
+    teacher_info = _checkpoint(teacher) if teacher is not None else None
     check_run(student=student_info, teacher=teacher_info, kd=kd, train=train, parallel=parallel,
               world_size=launch.world_size, params_dtype=params_dtype,
               seq_length=data.seq_length)
@@ -224,7 +230,6 @@ def search(*, load: str | Path, scores, config, train, data, kd=None, space=None
                          data=DataConfig(data_path="data/wiki", seq_length=4096))
         results.best().name
     """
-    from minitron_megatron.checkpoint import find_checkpoint
     from minitron_megatron.distill.config import KDConfig
     from minitron_megatron.importance import Scores
     from minitron_megatron.search import SearchSpace, prepare_search, run_search
@@ -232,7 +237,7 @@ def search(*, load: str | Path, scores, config, train, data, kd=None, space=None
     parallel = parallel or ParallelConfig()
     params_dtype = params_dtype or default_params_dtype()
     launch = launch if launch is not None else launch_env()
-    teacher = find_checkpoint(load)
+    teacher = _checkpoint(load)
     if not isinstance(scores, Scores):
         scores = Scores.load(scores)
     if not isinstance(space, SearchSpace):
@@ -261,11 +266,10 @@ def evaluate(*, load: str | Path, data, config, parallel: ParallelConfig | None 
                           data=DataConfig(data_path="data/wiki", seq_length=4096))
         result.loss, result.ppl
     """
-    from minitron_megatron.checkpoint import find_checkpoint
     from minitron_megatron.evaluate import evaluate_checkpoint
 
     parallel = parallel or ParallelConfig()
-    info = find_checkpoint(load)
+    info = _checkpoint(load)
     _check_inputs(info, parallel, data.seq_length)
     with run_distributed(parallel, launch) as ps:
         return evaluate_checkpoint(info, ps, data, num_samples=config.num_samples,

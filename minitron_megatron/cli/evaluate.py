@@ -34,12 +34,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from minitron_megatron.api import evaluate
+    from minitron_megatron.checkpoint import find_checkpoint
     from minitron_megatron.output_paths import check_output_file
 
+    info = find_checkpoint(args.load)  # the checkpoint's errors first, then the paths and data
     if args.output_json:
         check_output_file(args.output_json, "--output-json")
     launch = launch_env()
-    result = evaluate(load=args.load, data=data_config(args),
+    result = evaluate(load=info, data=data_config(args),
                       config=EVAL.build(args),
                       parallel=parallel_config(args), params_dtype=DTYPES[args.params_dtype],
                       launch=launch)

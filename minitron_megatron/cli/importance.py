@@ -39,9 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from minitron_megatron.api import estimate_importance
+    from minitron_megatron.checkpoint import find_checkpoint
 
+    info = find_checkpoint(args.load)  # the checkpoint's errors first, then the data's
     launch = launch_env()
-    scores = estimate_importance(load=args.load, data=data_config(args),
+    scores = estimate_importance(load=info, data=data_config(args),
                                  calibration=CALIBRATION.build(args),
                                  config=IMPORTANCE.build(args), parallel=parallel_config(args),
                                  params_dtype=DTYPES[args.params_dtype],

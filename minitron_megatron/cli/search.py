@@ -65,13 +65,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from minitron_megatron.api import search
+    from minitron_megatron.checkpoint import find_checkpoint
+    from minitron_megatron.importance import Scores
     from minitron_megatron.runtime.signals import EXIT_INTERRUPTED, RunInterrupted
 
+    teacher, scores = find_checkpoint(args.load), Scores.load(args.scores)  # before the data
     train = train_config(args, save=args.save, train_iters=args.candidate_train_iters,
                          eval_iters=args.candidate_eval_iters)
     launch = launch_env()
     try:
-        search(load=args.load, scores=args.scores, config=SEARCH.build(args), train=train,
+        search(load=teacher, scores=scores, config=SEARCH.build(args), train=train,
                kd=KD.build(args), data=data_config(args), space=args.search_space,
                parallel=parallel_config(args), params_dtype=params_dtype(args), launch=launch)
     except RunInterrupted as stop:
