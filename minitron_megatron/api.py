@@ -40,12 +40,26 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from minitron_megatron.config import ParallelConfig
 from minitron_megatron.errors import MissingInputError, UserError
 from minitron_megatron.runtime.distributed import LaunchEnv, ParallelState, distributed
+
+if TYPE_CHECKING:  # the heavy modules load on first call
+    from minitron_megatron.checkpoint import CheckpointInfo
+    from minitron_megatron.data.loaders import DataConfig
+    from minitron_megatron.distill.config import KDConfig, TrainConfig
+    from minitron_megatron.distill.training import RunResult
+    from minitron_megatron.evaluate import EvalConfig, EvalResult
+    from minitron_megatron.importance import ImportanceConfig, Scores
+    from minitron_megatron.importance.config import CalibrationConfig
+    from minitron_megatron.pruning import PrunePlan, PruneTargets
+    from minitron_megatron.search import SearchConfig, SearchResults, SearchSpace
+
+    Checkpoint = str | Path | CheckpointInfo
 
 __all__ = ["PruneResult", "distill", "estimate_importance", "evaluate", "prune", "search"]
 
@@ -86,11 +100,12 @@ def _check_inputs(info, parallel: ParallelConfig, seq_length: int) -> None:
     info.model_config.check_seq_length(seq_length)
 
 
-def estimate_importance(*, load: str | Path, data, calibration,
-                        config=None, parallel: ParallelConfig | None = None,
+def estimate_importance(*, load: Checkpoint, data: DataConfig, calibration: CalibrationConfig,
+                        config: ImportanceConfig | None = None,
+                        parallel: ParallelConfig | None = None,
                         params_dtype: torch.dtype = torch.float32,
                         save_scores: str | Path | None = None,
-                        launch: LaunchEnv | None = None):
+                        launch: LaunchEnv | None = None) -> Scores:
     """Importance scores of checkpoint ``load`` on calibration samples of ``data`` (a
     ``DataConfig``), at ``parallel``'s TP × PP (× DP) layout; saved to ``save_scores`` (a
     ``.safetensors`` file, by rank 0) when given. Returns the layout-free ``Scores``.
@@ -136,11 +151,12 @@ class PruneResult:
     path: Path
     """Iteration directory of the pruned checkpoint."""
 
-    plan: object
+    plan: PrunePlan
     """The ``PrunePlan`` applied (kept units per axis; its ``target`` is the new shape)."""
 
 
-def prune(*, load: str | Path, scores, targets, save: str | Path,
+def prune(*, load: Checkpoint, scores: Scores | str | Path, targets: PruneTargets,
+          save: str | Path,
           parallel: ParallelConfig | None = None, params_dtype: torch.dtype = torch.float32,
           overwrite: bool = False, launch: LaunchEnv | None = None) -> PruneResult:
     """Prune checkpoint ``load`` by ``scores`` (a ``Scores`` or its file) to ``targets`` (a
@@ -168,9 +184,10 @@ def prune(*, load: str | Path, scores, targets, save: str | Path,
     return PruneResult(path=path, plan=plan)
 
 
-def distill(*, student: str | Path, train, data, teacher: str | Path | None = None, kd=None,
+def distill(*, student: Checkpoint, train: TrainConfig, data: DataConfig,
+            teacher: Checkpoint | None = None, kd: KDConfig | None = None,
             parallel: ParallelConfig | None = None, params_dtype: torch.dtype | None = None,
-            launch: LaunchEnv | None = None):
+            launch: LaunchEnv | None = None) -> RunResult:
     """Distill checkpoint ``student`` from the frozen ``teacher`` with the ``kd`` objective (a
     ``KDConfig``; default: forward KL, τ = 1) and the ``train`` schedule (a ``TrainConfig``:
     run directory, steps, batch, optimizer); with ``teacher=None`` (and no ``kd``) fine-tune
@@ -210,9 +227,11 @@ def distill(*, student: str | Path, train, data, teacher: str | Path | None = No
                        seed=parallel.seed).run()
 
 
-def search(*, load: str | Path, scores, config, train, data, kd=None, space=None,
-           parallel: ParallelConfig | None = None, params_dtype: torch.dtype | None = None,
-           launch: LaunchEnv | None = None):
+def search(*, load: Checkpoint, scores: Scores | str | Path, config: SearchConfig,
+           train: TrainConfig, data: DataConfig, kd: KDConfig | None = None,
+           space: SearchSpace | str | Path | None = None, parallel: ParallelConfig | None = None,
+           params_dtype: torch.dtype | None = None,
+           launch: LaunchEnv | None = None) -> SearchResults:
     """Architecture search from teacher checkpoint ``load``: every shape of ``space`` (a
     ``SearchSpace``, its YAML file, or ``None`` for the default choices per axis) within
     ``config``'s parameter budget (a ``SearchConfig``) is pruned by ``scores``, distilled for
@@ -255,8 +274,9 @@ def search(*, load: str | Path, scores, config, train, data, kd=None, space=None
         return run_search(plan, ps, params_dtype=params_dtype, seed=parallel.seed)
 
 
-def evaluate(*, load: str | Path, data, config, parallel: ParallelConfig | None = None,
-             params_dtype: torch.dtype = torch.float32, launch: LaunchEnv | None = None):
+def evaluate(*, load: Checkpoint, data: DataConfig, config: EvalConfig,
+             parallel: ParallelConfig | None = None, params_dtype: torch.dtype = torch.float32,
+             launch: LaunchEnv | None = None) -> EvalResult:
     """Validation loss and perplexity of checkpoint ``load`` on ``config.num_samples`` samples of
     ``data``'s validation split (``config`` an ``EvalConfig``). Returns the ``EvalResult``.
 

@@ -59,3 +59,18 @@ def test_import_is_light_and_names_are_the_api():
             "'estimate_importance', 'prune', 'distill', 'search', 'evaluate'])")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_kd_objective_without_teacher_is_refused_before_any_work(tiny_dataset, tmp_path):
+    import pytest
+
+    from minitron_megatron import distill
+    from minitron_megatron.data.loaders import DataConfig
+    from minitron_megatron.distill.config import KDConfig, TrainConfig
+    from minitron_megatron.errors import UserError
+
+    with pytest.raises(UserError, match="needs a teacher"):
+        distill(student=tmp_path / "missing", kd=KDConfig(),
+                train=TrainConfig(save=tmp_path / "run", train_iters=1, global_batch_size=1),
+                data=DataConfig(data_path=tiny_dataset, seq_length=32))
+    assert not (tmp_path / "run").exists()
