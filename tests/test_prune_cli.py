@@ -114,6 +114,8 @@ def test_cli_at_tp2_under_torchrun_matches_tp1(scores_files, llama_ckpt_untied, 
     assert (a.path / PLAN_FILE).read_text() == (b.path / PLAN_FILE).read_text()
     assert a.model_config.num_layers == 2 and a.model_config.ffn_hidden_size == 48
     cli.main(["evaluate", "--load", str(a.root), "--data-path", tiny_dataset, "--seq-length",
-              "32", "--eval-samples", "4"])
-    loss = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"]
-    assert 0 < loss < 20
+              "32", "--eval-samples", "4", "--window-starts"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 < result["loss"] < 20
+    assert sorted(result["window_starts"]) == ["as_sampled", "comma_first", "doc_start",
+                                               "eos_first", "period_first", "spread"]
