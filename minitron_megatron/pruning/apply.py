@@ -33,6 +33,7 @@ from minitron_megatron.pruning.slicing import (
     MODEL_RULES,
     Rule,
     apply_rule,
+    fold_into_groups,
     fold_pruned_heads,
     is_gated_fc1,
     layer_index,
@@ -44,6 +45,7 @@ from minitron_megatron.runtime.distributed import ParallelState
 
 PLAN_FILE = "prune_plan.json"
 QKV_PARAMS = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias")
+PROJ_WEIGHT = "self_attention.linear_proj.weight"
 
 
 def _slice(param: torch.Tensor, rule: Rule, index: dict[str, torch.Tensor], sizes: dict[str, int],
@@ -70,6 +72,8 @@ def _prune_layer(layer: torch.nn.Module, layer_plan: LayerPlan, plan: PrunePlan,
         if layer_plan.head_residual and name in QKV_PARAMS:
             fold = functools.partial(fold_pruned_heads, src=plan.source,
                                      pairs=layer_plan.head_residual)
+        if plan.position0_fold and name == PROJ_WEIGHT:
+            fold = functools.partial(fold_into_groups, src=plan.source, layer=layer_plan)
         out[name] = _slice(param, rule_for(name, LAYER_RULES), index, sizes, ps,
                            gated=is_gated_fc1(name, plan.source), fold=fold)
     return out
