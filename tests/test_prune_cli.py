@@ -15,7 +15,7 @@ import torch
 from minitron_megatron import cli
 from minitron_megatron.checkpoint import find_checkpoint
 from minitron_megatron.importance import Scores
-from minitron_megatron.pruning.apply import PLAN_FILE
+from minitron_megatron.pruning.apply import PLAN_FILE, RECONSTRUCT_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,6 +44,12 @@ BAD_TARGETS = [
     (["--drop-layers", "1,4"], "outside 0..3"),
     (["--target-num-layers", "2", "--depth-method", "loss"], "no 'loss' depth scores"),
     (["--target-num-layers", "3", "--depth-method", "block"], "no 'block:1' depth scores"),
+    (["--target-ffn-hidden-size", "48", "--reconstruct", "/nonexistent/stats"],
+     "holds no reconstruction statistics"),
+    (["--target-ffn-hidden-size", "48", "--reconstruct", "x", "--reconstruct-layers", "qkv"],
+     "must be a non-empty subset of proj, fc2"),
+    (["--target-ffn-hidden-size", "48", "--reconstruct", "x", "--reconstruct-ridge", "-1"],
+     "must be ≥ 0"),
 ]
 
 
@@ -52,6 +58,19 @@ def test_bad_targets_fail_before_any_work(flags, message, scores_files, llama_ck
                                           tmp_path, capsys, monkeypatch):
     _expect_error(["--scores", str(scores_files["llama"]), *flags], message, llama_ckpt_untied,
                   tmp_path, capsys, monkeypatch)
+
+
+def test_position0_fold_is_the_default_and_can_be_turned_off(scores_files, llama_ckpt_untied):
+    from minitron_megatron.cli.prune import run
+
+    seen = []
+    common = ["prune", "--load", str(llama_ckpt_untied), "--scores", str(scores_files["llama"]),
+              "--save", "unused", "--target-num-attention-heads", "2"]
+    for extra in ([], ["--no-position0-fold"]):
+        args = cli.build_parser().parse_args(common + extra)
+        assert args.func is run
+        seen.append(args.position0_fold)
+    assert seen == [True, False]
 
 
 def test_scores_of_another_model_are_refused(scores_files, llama_ckpt_untied, tmp_path, capsys,
@@ -95,14 +114,16 @@ def test_cli_at_tp2_under_torchrun_matches_tp1(scores_files, llama_ckpt_untied, 
     """importance and prune at TP=2 (torchrun, 2 ranks) = the single-process runs."""
     at_tp2 = tmp_path / "tp2.safetensors"
     _torchrun(_importance_args(llama_ckpt_untied, tiny_dataset, at_tp2,
-                               "--tensor-model-parallel-size", "2"))
+                               "--tensor-model-parallel-size", "2",
+                               "--save-stats", str(tmp_path / "stats")))
     single, double = Scores.load(scores_files["llama"]), Scores.load(at_tp2)
     for name, tensor in single.tensors().items():
         assert torch.allclose(double.tensors()[name], tensor, rtol=1e-5, atol=1e-7), name
 
     targets = ["--target-ffn-hidden-size", "48", "--target-hidden-size", "48",
                "--target-num-attention-heads", "2", "--target-num-layers", "2",
-               "--depth-method", "block", "--head-residual"]
+               "--depth-method", "block", "--head-residual",
+               "--reconstruct", str(tmp_path / "stats"), "--reconstruct-ridge", "0.01"]
     result = _torchrun(["prune", "--load", str(llama_ckpt_untied), "--scores", str(at_tp2),
                         "--save", str(tmp_path / "p2"), "--tensor-model-parallel-size", "2",
                         *targets])
@@ -112,6 +133,8 @@ def test_cli_at_tp2_under_torchrun_matches_tp1(scores_files, llama_ckpt_untied, 
     capsys.readouterr()
     a, b = find_checkpoint(tmp_path / "p2"), find_checkpoint(tmp_path / "p1")
     assert (a.path / PLAN_FILE).read_text() == (b.path / PLAN_FILE).read_text()
+    assert json.loads((a.path / PLAN_FILE).read_text())["position0_fold"] is True
+    assert json.loads((a.path / RECONSTRUCT_FILE).read_text())["ridge"] == 0.01
     assert a.model_config.num_layers == 2 and a.model_config.ffn_hidden_size == 48
     cli.main(["evaluate", "--load", str(a.root), "--data-path", tiny_dataset, "--seq-length",
               "32", "--eval-samples", "4", "--window-starts"])

@@ -32,6 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--depth-metrics", default="bi",
                    help="comma-separated: bi, loss, block:K (loss and block cost one forward "
                         "pass over the calibration samples per layer / block start)")
+    p.add_argument("--save-stats", default=None, metavar="DIR",
+                   help="also gather, in the same pass, the input Gram matrices of linear_proj "
+                        "and linear_fc2 that `prune --reconstruct DIR` refits them from "
+                        "(sharded over TP, one file per TP rank and stage; any layout reads them)")
     p.add_argument("--params-dtype", choices=DTYPES, default="fp32")
     add_data_args(p)
     add_parallel_args(p)
@@ -59,9 +63,11 @@ def run(args: argparse.Namespace) -> None:
     with run_distributed(parallel) as ps:
         scores = importance_checkpoint(info, ps, data, num_samples=args.calib_samples,
                                        micro_batch_size=args.micro_batch_size, config=config,
-                                       params_dtype=DTYPES[args.params_dtype])
+                                       params_dtype=DTYPES[args.params_dtype],
+                                       stats_dir=args.save_stats)
         if ps.rank == 0:
             scores.save(out)
             print(json.dumps({"scores": str(out), "calibration_loss": scores.calibration_loss,
                               "samples": scores.num_samples, "tokens": scores.num_tokens,
-                              "depth_metrics": list(scores.depth)}), flush=True)
+                              "depth_metrics": list(scores.depth),
+                              "stats": args.save_stats}), flush=True)

@@ -13,8 +13,10 @@ Cross-rank reduction, so that every rank returns the same global ``Scores``:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -24,6 +26,7 @@ from minitron_megatron.importance.config import ImportanceConfig, parse_depth_me
 from minitron_megatron.importance.depth import masked_loss_sum, reduce_loss, skip_loss_increase
 from minitron_megatron.importance.hooks import ActivationRecorder
 from minitron_megatron.importance.scores import Scores
+from minitron_megatron.importance.stats import GramRecorder
 from minitron_megatron.model.forward import pipeline_forward
 from minitron_megatron.runtime.distributed import ParallelState
 
@@ -63,11 +66,14 @@ def estimate_importance(
     micro_batch_size: int,
     seq_length: int,
     config: ImportanceConfig | None = None,
+    stats_dir: str | Path | None = None,
 ) -> Scores:
     """Importance of every neuron, head, query group, embedding channel and layer of ``model``
     (this rank's stage of a Megatron-Core ``GPTModel``), from calibration samples
     ``0..num_samples−1`` of ``dataset`` (split over DP ranks). Collective over all ranks; every
-    rank returns the same ``Scores``.
+    rank returns the same ``Scores``. With ``stats_dir``, the same pass also gathers the input
+    Gram matrices of ``linear_proj`` and ``linear_fc2`` for ``prune --reconstruct`` and writes
+    them there (``importance.stats``).
 
     Example::
 
@@ -91,13 +97,16 @@ def estimate_importance(
     batches = list(micro_batches(dataset, ids, micro_batch_size))
     run = dict(seq_length=seq_length, micro_batch_size=micro_batch_size)
 
-    recorder = ActivationRecorder(model, ps, config, model_config,
-                                  [batch["sample_mask"] for batch in batches])
-    with recorder:
+    masks = [batch["sample_mask"] for batch in batches]
+    recorder = ActivationRecorder(model, ps, config, model_config, masks)
+    grams = GramRecorder(model, ps, masks) if stats_dir is not None else None
+    with recorder, grams or contextlib.nullcontext():
         sums = pipeline_forward(model, ps, batches, on_output=masked_loss_sum,
                                 with_labels=True, **run)
     base_loss = reduce_loss(sums, ps)
     full = _collect_stages(recorder.finalize(), model_config, ps)
+    if grams is not None:
+        grams.save(stats_dir, model_config)
 
     depth: dict[str, torch.Tensor] = {}
     L = model_config.num_layers
@@ -125,9 +134,11 @@ def importance_checkpoint(
     micro_batch_size: int,
     config: ImportanceConfig | None = None,
     params_dtype: torch.dtype = torch.float32,
+    stats_dir: str | Path | None = None,
 ) -> Scores:
     """Build and load checkpoint ``info`` on this layout and score it on ``num_samples``
-    calibration samples of the train split of ``data`` (a ``DataConfig``)."""
+    calibration samples of the train split of ``data`` (a ``DataConfig``); with ``stats_dir``
+    also write the reconstruction statistics there."""
     from minitron_megatron.checkpoint import load_checkpoint
     from minitron_megatron.data.loaders import build_datasets
     from minitron_megatron.evaluate import eod_id_of
@@ -142,4 +153,4 @@ def importance_checkpoint(
     load_checkpoint(info, model=model)
     return estimate_importance(model, ps, datasets["train"], model_config=cfg,
                                num_samples=num_samples, micro_batch_size=micro_batch_size,
-                               seq_length=data.seq_length, config=config)
+                               seq_length=data.seq_length, config=config, stats_dir=stats_dir)
