@@ -87,7 +87,7 @@ def loss(cfg: ModelConfig, sd: dict, tokens: torch.Tensor, labels: torch.Tensor,
 def seq_agg(a: torch.Tensor, how: str) -> torch.Tensor:
     """a [b, s, k] → [b, k]."""
     return {"mean": lambda: a.abs().mean(1), "l2": lambda: a.pow(2).sum(1).sqrt(),
-            "var": lambda: a.var(1, unbiased=False)}[how]()
+            "var": lambda: a.var(1, unbiased=False), "max": lambda: a.abs().amax(1)}[how]()
 
 
 def batch_agg(m: torch.Tensor, how: str) -> torch.Tensor:

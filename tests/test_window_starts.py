@@ -108,3 +108,35 @@ def test_loss_by_window_start_equals_reference(llama_ckpt_untied, tiny_dataset,
         assert plain.loss == result.loss and "window_starts" not in plain.to_dict()
     finally:
         shutdown()
+
+
+def test_calibration_mixes_document_start_windows(llama_ckpt_untied, tiny_dataset,
+                                                  tiny_tokenizer):
+    from minitron_megatron.errors import UserError
+    from minitron_megatron.importance import ImportanceConfig, estimate_importance
+
+    ps, info, model = load_at(LaunchEnv(), llama_ckpt_untied)
+    try:
+        cfg = info.model_config
+        train = build_datasets(DataConfig(data_path=tiny_dataset, seq_length=32),
+                               eod_id=tiny_tokenizer.eod_id, vocab_size=cfg.vocab_size,
+                               num_samples={"train": 8})["train"]
+        run = dict(model_config=cfg, num_samples=8, micro_batch_size=4, seq_length=32)
+        mixed = estimate_importance(model, ps, train, **run, config=ImportanceConfig(
+            depth_metrics=(), calib_doc_starts=0.5))
+        starts = DocumentStartWindows(train, seq_length=32)
+        explicit = [train[0], starts[0], train[1], starts[1], train[2], starts[2], train[3],
+                    starts[3]]
+        want = estimate_importance(model, ps, explicit, **run,
+                                   config=ImportanceConfig(depth_metrics=()))
+        plain = estimate_importance(model, ps, train, **run,
+                                    config=ImportanceConfig(depth_metrics=()))
+        for axis in ("ffn", "heads", "hidden_norms"):
+            assert torch.equal(getattr(mixed, axis), getattr(want, axis)), axis
+        assert not torch.equal(mixed.ffn, plain.ffn)
+        assert mixed.settings.calib_doc_starts == 0.5
+        with pytest.raises(UserError, match="GPTDataset"):
+            estimate_importance(model, ps, explicit, **run, config=ImportanceConfig(
+                depth_metrics=(), calib_doc_starts=0.5))
+    finally:
+        shutdown()

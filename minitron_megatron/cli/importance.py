@@ -27,7 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="calibration samples (from the train split), split over DP ranks")
     p.add_argument("--save-scores", required=True, help="scores file to write (.safetensors)")
     p.add_argument("--batch-agg", choices=("l2", "mean", "var"), default="l2")
-    p.add_argument("--seq-agg", choices=("mean", "l2", "var"), default="mean")
+    p.add_argument("--seq-agg", choices=("mean", "l2", "var", "max"), default="mean")
+    p.add_argument("--calib-doc-starts", type=float, default=0.0, metavar="FRACTION",
+                   help="fraction of calibration samples that start at a document's first token "
+                        "(interleaved with the dataset's mid-document windows)")
     p.add_argument("--ffn-hook", choices=("fc2-input", "fc1-output"), default="fc2-input")
     p.add_argument("--depth-metrics", default="bi",
                    help="comma-separated: bi, loss, block:K (loss and block cost one forward "
@@ -48,7 +51,7 @@ def run(args: argparse.Namespace) -> None:
 
     info = find_checkpoint(args.load)
     config = ImportanceConfig(batch_agg=args.batch_agg, seq_agg=args.seq_agg,
-                              ffn_hook=args.ffn_hook,
+                              ffn_hook=args.ffn_hook, calib_doc_starts=args.calib_doc_starts,
                               depth_metrics=tuple(m for m in args.depth_metrics.split(",") if m))
     config.check_model(info.model_config.num_layers)
     out = Path(args.save_scores)

@@ -56,6 +56,17 @@ def _collect_stages(local: dict[int, dict[str, torch.Tensor]], cfg: ModelConfig,
     return full
 
 
+def _with_document_starts(dataset, seq_length: int, fraction: float):
+    """The dataset's windows interleaved with windows starting at its documents' first tokens."""
+    from minitron_megatron.data.windows import DocumentStartWindows, MixedWindows
+    from minitron_megatron.errors import UserError
+
+    if not hasattr(dataset, "indices"):
+        raise UserError("calib_doc_starts needs a Megatron GPTDataset (its documents are where "
+                        "the document-start windows begin).")
+    return MixedWindows(dataset, DocumentStartWindows(dataset, seq_length), fraction)
+
+
 def estimate_importance(
     model: torch.nn.Module,
     ps: ParallelState,
@@ -93,6 +104,8 @@ def estimate_importance(
     if num_samples < ps.dp_size:
         raise ValueError(f"{num_samples} calibration samples cannot be split over "
                          f"{ps.dp_size} data-parallel ranks; use at least {ps.dp_size}.")
+    if config.calib_doc_starts > 0:
+        dataset = _with_document_starts(dataset, seq_length, config.calib_doc_starts)
     ids = shard_for_data_parallel(num_samples, ps.dp_rank, ps.dp_size)
     batches = list(micro_batches(dataset, ids, micro_batch_size))
     run = dict(seq_length=seq_length, micro_batch_size=micro_batch_size)
