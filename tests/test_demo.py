@@ -46,3 +46,9 @@ def test_quick_demo_runs_every_stage(tmp_path):
     teacher, student = (int(p.replace(",", "")) for p in params)
     assert teacher == 134_515_008 and 0.45 < student / teacher < 0.55
     assert (out / "val_loss.png").stat().st_size > 1000
+    starts = re.findall(r"\| (teacher|pruned \(zero-shot\)|pruned \+ distilled) \| "
+                        r"((?:[\d.]+ \| ){5}[\d.]+) \|", report)
+    assert [name for name, _ in starts] == ["teacher", "pruned (zero-shot)",
+                                           "pruned + distilled"]
+    assert (out / "stats" / "stats.json").is_file()  # the pruned student was refit
+    assert "reconstruct.json" in {p.name for p in (out / "pruned").rglob("*.json")}

@@ -18,6 +18,7 @@ from minitron_megatron.pruning.reconstruct import (
     group_sum_constraint,
     solve,
 )
+from minitron_megatron.pruning.slicing import layer_index
 from minitron_megatron.runtime.distributed import LaunchEnv, shutdown
 from minitron_megatron.testing.multiprocess import run_distributed
 from tests import factories
@@ -28,11 +29,20 @@ MODELS = {"llama": "llama_ckpt_untied", "gpt": "gpt_ckpt"}
 NO_DEPTH = ImportanceConfig(depth_metrics=())
 
 
+def _unit_rms(x, cfg):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.norm_epsilon)
+
+
 def _inputs(cfg, acts, layer):
-    """The reference inputs of linear_proj and linear_fc2, ``[tokens, n]`` (fp64)."""
+    """The reference inputs whose Grams are gathered, ``[tokens, n]`` (fp64): of linear_proj,
+    linear_fc2, and (RMSNorm) the unit-RMS residual entering each norm."""
     heads = acts[layer]["heads"]  # [b, s, H, d]
-    return {"proj": heads.reshape(-1, heads.shape[2] * heads.shape[3]),
-            "fc2": acts[layer]["act"].reshape(-1, cfg.ffn_hidden_size)}
+    out = {"proj": heads.reshape(-1, heads.shape[2] * heads.shape[3]),
+           "fc2": acts[layer]["act"].reshape(-1, cfg.ffn_hidden_size)}
+    if cfg.normalization == "RMSNorm":
+        for kind, key in (("qkv", "x_in"), ("fc1", "x_mid")):
+            out[kind] = _unit_rms(acts[layer][key], cfg).reshape(-1, cfg.hidden_size)
+    return out
 
 
 def _full(stats, kind, layer):
@@ -51,6 +61,8 @@ def test_gram_statistics_equal_reference(which, request, tmp_path):
         shutdown()
     stats = GramStats.load(tmp_path / "stats")
     assert stats.model_config == cfg and stats.tokens == 10 * 32
+    rms = cfg.normalization == "RMSNorm"
+    assert stats.kinds == (("proj", "fc2", "qkv", "fc1") if rms else ("proj", "fc2"))
     for layer in range(cfg.num_layers):
         for kind, z in _inputs(cfg, acts, layer).items():
             want = z.T @ z  # [n, n] over the 320 real tokens
@@ -86,9 +98,21 @@ def test_solve_equals_independent_least_squares():
     assert ((a @ xc.T - b) ** 2).sum() >= ((a @ x.T - b) ** 2).sum()  # the constraint costs
 
 
-def _calibration_error(layer_w, kept_w, z, keep, rows):
-    """Σ_t ‖W_R z_t − X z_{t,K}‖² over the reference inputs."""
-    return ((z @ layer_w[rows].T.double() - z[:, keep] @ kept_w.T.double()) ** 2).sum().item()
+def _calibration_error(layer_w, kept_w, z, keep, rows, pruned_z=None):
+    """Σ_t ‖W_R z_t − X z'_t‖² over the reference inputs (``z' = z_K`` unless given)."""
+    zk = z[:, keep] if pruned_z is None else pruned_z
+    return ((z @ layer_w[rows].T.double() - zk @ kept_w.T.double()) ** 2).sum().item()
+
+
+def _norm_inputs(cfg, sd, acts, layer, hidden):
+    """Per reader of a norm: (teacher input γ ⊙ x̂ [t, h], pruned input γ_K ⊙ x_K/rms_K(x))."""
+    p = f"decoder.layers.{layer}."
+    out = {}
+    for kind, key, norm in (("qkv", "x_in", "input_layernorm"),
+                            ("fc1", "x_mid", "pre_mlp_layernorm")):
+        x, gamma = acts[layer][key].reshape(-1, cfg.hidden_size), sd[p + norm + ".weight"].double()
+        out[kind] = (_unit_rms(x, cfg) * gamma, _unit_rms(x[:, hidden], cfg) * gamma[hidden])
+    return out
 
 
 def test_reconstruct_fits_better_than_slicing_and_keeps_position0(llama_ckpt_untied, tmp_path):
@@ -106,23 +130,45 @@ def test_reconstruct_fits_better_than_slicing_and_keeps_position0(llama_ckpt_unt
         for fold, plan in plans.items():
             sliced, _ = apply_plan(model, plan, ps)
             fitted, _ = apply_plan(model, plan, ps, reconstruct=refit)
-            rows = torch.tensor(plan.hidden)
+            hidden = torch.tensor(plan.hidden)
             for t, lp in enumerate(plan.layers):
                 z = _inputs(cfg, acts, lp.source)
+                norms = _norm_inputs(cfg, sd, acts, lp.source, hidden)
+                index = layer_index(cfg, lp, plan.hidden)
                 d = cfg.kv_channels
-                for kind, param, keep in (
+                for kind, param, keep, rows in (
                         ("proj", "self_attention.linear_proj.weight",
-                         [j * d + c for j in lp.heads for c in range(d)]),
-                        ("fc2", "mlp.linear_fc2.weight", list(lp.ffn))):
+                         [j * d + c for j in lp.heads for c in range(d)], hidden),
+                        ("fc2", "mlp.linear_fc2.weight", list(lp.ffn), hidden),
+                        ("qkv", "self_attention.linear_qkv.weight", hidden, index["qkv_rows"]),
+                        ("fc1", "mlp.linear_fc1.weight", hidden, index["fc1_rows"])):
                     source = sd[f"decoder.layers.{lp.source}.{param}"]
+                    inputs, pruned_in = (z[kind], None) if kind in ("proj", "fc2") else \
+                        norms[kind]
                     err = {name: _calibration_error(source, m.state_dict()[
-                        f"decoder.layers.{t}.{param}"], z[kind], keep, rows)
+                        f"decoder.layers.{t}.{param}"], inputs, keep, rows, pruned_in)
                         for name, m in (("sliced", sliced), ("fitted", fitted))}
                     if kind == "proj" and fold:  # the folded weights satisfy the constraint,
                         # and here (one kept head per group) are its only solution
                         assert err["fitted"] <= err["sliced"] * (1 + 1e-6), (kind, t, err)
                     else:
                         assert err["fitted"] < 0.9 * err["sliced"], (fold, kind, t, err)
+
+        # the hidden-channel refit is the mean-field formula, from the reference activations
+        lp, t = plan.layers[0], 0
+        for kind, (teacher_in, _) in _norm_inputs(cfg, sd, acts, lp.source, hidden).items():
+            name = {"qkv": "self_attention.linear_qkv.weight", "fc1": "mlp.linear_fc1.weight"}[
+                kind]
+            xhat = _inputs(cfg, acts, lp.source)[kind]  # [t, h] = x / rms(x)
+            inv_c = (xhat[:, hidden].pow(2).mean(0).mean()).sqrt()  # c̄⁻¹
+            g = teacher_in.T @ teacher_in  # [h, h] = Σ (γ ⊙ x̂)(γ ⊙ x̂)ᵀ
+            a = g[hidden][:, hidden]
+            a = a + 1e-3 * a.diagonal().mean() * torch.eye(len(hidden), dtype=a.dtype)
+            w = sd[f"decoder.layers.{lp.source}.{name}"].double()
+            rows = layer_index(cfg, lp, plan.hidden)[f"{kind}_rows"]
+            want = inv_c * torch.linalg.solve(a, g[hidden] @ w[rows].T).T
+            got = fitted.state_dict()[f"decoder.layers.{t}.{name}"].double()
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * want.abs().max()), kind
 
         # heads only: the constrained refit keeps position 0 exact, as the fold does
         tokens = factories.sample_tokens(batch=3)
@@ -179,7 +225,7 @@ def test_statistics_and_refit_equal_at_every_layout(llama_ckpt_untied, tmp_path)
         files = len(list((tmp_path / f"stats{i}").glob("gram-*.safetensors")))
         assert files == layout[0] * layout[1]  # one file per (PP stage, TP rank)
         for layer in range(cfg.num_layers):
-            for kind in ("proj", "fc2"):
+            for kind in ("proj", "fc2", "qkv", "fc1"):
                 want = _full(single, kind, layer)
                 got = _full(stats, kind, layer)
                 assert torch.allclose(got, want, rtol=1e-5, atol=1e-6 * want.abs().max()), (
@@ -199,6 +245,6 @@ def test_statistics_and_refit_equal_at_every_layout(llama_ckpt_untied, tmp_path)
             if torch.is_tensor(tensor):
                 assert torch.allclose(a_state[name], tensor, rtol=1e-6, atol=1e-7), name
                 refit += not torch.equal(tensor, sliced.state_dict()[name])
-        assert refit == 2 * plan.target.num_layers  # linear_proj and linear_fc2 of each layer
+        assert refit == 4 * plan.target.num_layers  # linear_qkv, _proj, _fc1, _fc2 per layer
     finally:
         shutdown()

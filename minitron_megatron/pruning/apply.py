@@ -71,21 +71,19 @@ def _prune_layer(layer: torch.nn.Module, layer_plan: LayerPlan, plan: PrunePlan,
     index = layer_index(plan.source, layer_plan, plan.hidden, ps.device)
     sizes = source_sizes(plan.source)
     out = {}
-    for name, param in layer.named_parameters():
-        refit = None if reconstruct is None else reconstruct.solver(
-            name, plan, layer_plan, index, fold=plan.position0_fold)
-        if refit is not None:  # least squares (the fold, if any, is its constraint)
-            out[name] = _slice(param, rule_for(name, LAYER_RULES), index, sizes, ps,
-                               refit=refit)
-            continue
+    params = dict(layer.named_parameters())
+    for name, param in params.items():
         fold = None
         if layer_plan.head_residual and name in QKV_PARAMS:
             fold = functools.partial(fold_pruned_heads, src=plan.source,
                                      pairs=layer_plan.head_residual)
-        if plan.position0_fold and name == PROJ_WEIGHT:
+        refit = None if reconstruct is None else reconstruct.solver(
+            name, plan, layer_plan, index, fold=plan.position0_fold, params=params)
+        if plan.position0_fold and name == PROJ_WEIGHT and refit is None:
             fold = functools.partial(fold_into_groups, src=plan.source, layer=layer_plan)
+        # (a refit linear_proj keeps the fold's column sums as its constraint)
         out[name] = _slice(param, rule_for(name, LAYER_RULES), index, sizes, ps,
-                           gated=is_gated_fc1(name, plan.source), fold=fold)
+                           gated=is_gated_fc1(name, plan.source), fold=fold, refit=refit)
     return out
 
 

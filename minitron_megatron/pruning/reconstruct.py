@@ -18,6 +18,16 @@ stays exact (``pruning.slicing``). The constrained minimiser (Lagrange multiplie
 
     Xᵀ = X₀ᵀ − A⁻¹Cᵀ (C A⁻¹ Cᵀ)⁻¹ (C X₀ᵀ − E),      X₀ᵀ = A⁻¹ B.
 
+**Hidden channels** (``qkv`` / ``fc1``, RMSNorm models): ``linear_qkv`` and ``linear_fc1`` read
+the norm output ``u = γ ⊙ x / rms(x)``; with hidden channels pruned the pruned model feeds them
+``u'_K = γ_K ⊙ x_K / rms_K(x)``, whose RMS runs over the kept channels only: ``u'_K = c_t u_K``
+with ``c_t = rms(x_t) / rms_K(x_t)``. Taking ``c_t`` as its calibration mean ``c̄`` (mean-field;
+``c̄⁻² = mean_{k ∈ K} E_t[x̂_k²]`` with ``x̂ = x / rms(x)``, read off the Gram diagonal), the
+minimiser of ``Σ_t ‖W u_t − X c̄ u_{t,K}‖²`` is ``Xᵀ = c̄⁻¹ (G_KK + λI)⁻¹ G_K,: Wᵀ`` with
+``G = diag(γ) Ĝ diag(γ)``, ``Ĝ = Σ_t x̂_t x̂_tᵀ`` (``importance.stats``; the output rows are the
+kept q/k/v rows, or the kept gate and up rows). On SmolLM2 this mean-field refit matched a refit
+from the exact per-token ``c_t`` (which needs the kept channels before the calibration pass).
+
 Solved in fp64 (Cholesky) on the device of the weight; each layer independently (its inputs are
 the unpruned model's), biases kept as sliced. Every rank that owns a layer reads the same rows
 from the stats directory and solves the same system, so the result does not depend on the layout.
@@ -28,6 +38,7 @@ pruned 14336 → 9216: 1.06 GB + 0.68 GB.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -35,9 +46,14 @@ import torch
 
 from minitron_megatron.config import ModelConfig
 from minitron_megatron.errors import UserError
-from minitron_megatron.importance.stats import KINDS, GramStats
+from minitron_megatron.importance.stats import HIDDEN_KINDS, KINDS, GramStats
 
-PARAM_KIND = {"self_attention.linear_proj.weight": "proj", "mlp.linear_fc2.weight": "fc2"}
+log = logging.getLogger(__name__)
+
+PARAM_KIND = {"self_attention.linear_proj.weight": "proj", "mlp.linear_fc2.weight": "fc2",
+              "self_attention.linear_qkv.weight": "qkv", "mlp.linear_fc1.weight": "fc1"}
+NORM_WEIGHTS = {"qkv": ("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight"),
+                "fc1": ("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight")}
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -51,7 +67,8 @@ class ReconstructConfig:
     """Ridge λ relative to the mean diagonal of the kept units' Gram block (scale-free)."""
 
     kinds: tuple[str, ...] = KINDS
-    """Which layers are refit: ``proj`` (after head pruning), ``fc2`` (after neuron pruning)."""
+    """Which layers are refit: ``proj`` (after head pruning), ``fc2`` (after neuron pruning),
+    ``qkv`` and ``fc1`` (after hidden-channel pruning; RMSNorm models)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kinds", tuple(self.kinds))
@@ -109,32 +126,47 @@ class Reconstructor:
     def __init__(self, config: ReconstructConfig, stats: GramStats | None = None):
         self.config = config
         self.stats = stats or GramStats.load(config.stats)
+        self.kinds = tuple(k for k in config.kinds if k in self.stats.kinds)
+        skipped = [k for k in config.kinds if k not in self.kinds]
+        if skipped:
+            log.warning("reconstruct: no %s statistics in %s (hidden-channel refit needs an "
+                        "RMSNorm model); those layers are sliced.", "/".join(skipped),
+                        config.stats)
 
     def check(self, source: ModelConfig) -> None:
         if self.stats.model_config != source:
             raise UserError(f"the statistics in {self.config.stats} were gathered on another "
                             f"model; rerun `minitron importance --save-stats` on this one.")
 
-    def solver(self, name: str, plan, layer_plan, index: dict[str, torch.Tensor],
-               fold: bool) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """``global weight [h, n] → pruned global weight [|R|, |K|]``, or ``None`` when this
-        parameter is not refit."""
+    def solver(self, name: str, plan, layer_plan, index: dict[str, torch.Tensor], fold: bool,
+               params: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """``global weight → pruned global weight`` for parameter ``name`` of source layer
+        ``layer_plan.source`` (``params``: that layer's parameters, for the norm weight), or
+        ``None`` when it is not refit."""
         kind = PARAM_KIND.get(name)
-        if kind is None or kind not in self.config.kinds:
+        if kind is None or kind not in self.kinds:
             return None
-        keep = index["head_channels" if kind == "proj" else "ffn"]
-        rows = index["hidden"]
-        src = plan.source
+        keep = index[{"proj": "head_channels", "fc2": "ffn"}.get(kind, "hidden")]
+        rows = index[{"qkv": "qkv_rows", "fc1": "fc1_rows"}.get(kind, "hidden")]
         if len(keep) == self.stats.width(kind):
             return None  # no unit of this layer's input is pruned: slicing is exact
+        src, layer, ridge = plan.source, layer_plan.source, self.config.ridge
+        gamma = next((params[n] for n in NORM_WEIGHTS.get(kind, ()) if n in params), None)
 
         def refit(weight: torch.Tensor) -> torch.Tensor:
-            w = weight.index_select(0, rows.to(weight.device))  # [|R|, n]
-            g = self.stats.rows(kind, layer_plan.source, keep).to(weight.device)  # [|K|, n]
+            device = weight.device
+            w = weight.index_select(0, rows.to(device))  # [|R|, n]
+            k = keep.to(device)
+            g = self.stats.rows(kind, layer, keep).to(device)  # [|K|, n]
+            if kind in HIDDEN_KINDS:  # Ĝ → G = diag(γ) Ĝ diag(γ), and c̄
+                inv_c2 = g[torch.arange(len(k), device=device), k].mean() / self.stats.tokens
+                gm = gamma.detach().to(device, torch.float32)
+                g = g * gm[k, None] * gm[None, :]
+                return solve(g, w, k, ridge) * inv_c2.sqrt().to(w.dtype)  # · c̄⁻¹
             constraint = None
             if kind == "proj" and fold:
                 constraint = group_sum_constraint(w, src, layer_plan.heads,
                                                   layer_plan.query_groups)
-            return solve(g, w, keep.to(weight.device), self.config.ridge, constraint)
+            return solve(g, w, k, ridge, constraint)
 
         return refit
