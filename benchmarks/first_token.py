@@ -33,20 +33,32 @@ RANGES = {"0-2": range(0, 3), "3-11": range(3, 12), "12-29": range(12, 30), "0":
 
 
 class Probe:
-    """Hooks: residual stream after each layer, attention probabilities, head outputs."""
+    """Hooks that keep only small reductions: the massive channel's value per position (or, at
+    layer ``mid``, |x| at position 0 over every channel), the attention mass on key 0, and the
+    per-head output norms of the first three layers."""
 
-    def __init__(self, model):
+    def __init__(self, model, channel: int | None = None, mid: int | None = None):
         self.model, self.handles, self.out = model, [], {}
+        self.channel, self.mid = channel, mid
         for layer in model.decoder.layers:
             i = layer.layer_number - 1
             attn = layer.self_attention
             self.handles += [
-                layer.register_forward_hook(lambda m, a, o, i=i: self._put(("x", i), o[0])),
+                layer.register_forward_hook(lambda m, a, o, i=i: self._x(i, o[0])),
                 attn.core_attention.attention_dropout.register_forward_pre_hook(
                     lambda m, a, i=i: self._put(("sink", i), a[0][:, :, 8:, 0].mean((1, 2)))),
-                attn.linear_proj.register_forward_pre_hook(
-                    lambda m, a, i=i: self._put(("o", i), a[0])),
             ]
+            if i < 3:
+                d = model.config.kv_channels
+                self.handles.append(attn.linear_proj.register_forward_pre_hook(
+                    lambda m, a, i=i, d=d: self._put(("o", i), a[0].view(
+                        a[0].shape[0], a[0].shape[1], -1, d).norm(dim=-1))))  # [s, b, H]
+
+    def _x(self, i, x):  # x [s, b, h]
+        if self.channel is not None:
+            self._put(("x", i), x[:, :, self.channel])  # [s, b]
+        if i == self.mid:
+            self._put(("x0", i), x[0].abs())  # [b, h]
 
     def _put(self, key, value):
         self.out.setdefault(key, []).append(value.detach().float().clone())
@@ -74,14 +86,13 @@ def variants(tokens, firsts):
 
 def trace(model, ps, tokens_by_variant, channel: int, layers: int):
     """Per variant: |x[0, channel]| per layer (mean over windows), sink mass per layer."""
-    probe = Probe(model)
+    probe = Probe(model, channel=channel)
     out = {}
     for name, tokens in tokens_by_variant.items():
         got = probe.run(ps, tokens)
         out[name] = {
-            "massive_pos0": [got[("x", i)][0, :, channel].abs().mean().item()
-                             for i in range(layers)],
-            "massive_elsewhere_max": [got[("x", i)][1:, :, channel].abs().max().item()
+            "massive_pos0": [got[("x", i)][0].abs().mean().item() for i in range(layers)],
+            "massive_elsewhere_max": [got[("x", i)][1:].abs().max().item()
                                       for i in range(layers)],
             "sink": [got[("sink", i)].mean().item() for i in range(layers)],
         }
@@ -127,10 +138,10 @@ def main(argv=None) -> dict:
         by_variant = variants(tokens, firsts)
 
         # the massive channel: largest |x| at position 0 after the middle layer
-        probe = Probe(teacher)
-        mid = probe.run(ps, tokens)[("x", cfg.num_layers // 2)]  # [s, b, h]
+        probe = Probe(teacher, mid=cfg.num_layers // 2)
+        mid = probe.run(ps, tokens)[("x0", cfg.num_layers // 2)]  # [b, h]: |x| at position 0
         probe.close()
-        channel = int(mid[0].abs().mean(0).argmax())
+        channel = int(mid.mean(0).argmax())
         result["massive_channel"] = channel
         result["teacher"] = trace(teacher, ps, by_variant, channel, cfg.num_layers)
 
@@ -142,8 +153,7 @@ def main(argv=None) -> dict:
         paper = make_plan(scores, PruneTargets(**TARGET, position0_fold=False))
         result["heads"] = {}
         for i in range(3):
-            o = got[("o", i)]
-            norms = o.view(o.shape[0], o.shape[1], -1, d).norm(dim=-1)  # [s, b, H]
+            norms = got[("o", i)]  # [s, b, H]
             result["heads"][i] = {"pos0": norms[0].mean(0).tolist(),
                                   "mean_elsewhere": norms[1:].mean((0, 1)).tolist(),
                                   "score": scores.heads[i].tolist(),

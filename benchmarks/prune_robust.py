@@ -20,23 +20,27 @@ import time
 from pathlib import Path
 
 TARGET = {"hidden_size": 448, "ffn_hidden_size": 768, "num_attention_heads": 6}
-# row name → (scores, stats or None, PruneTargets extras, reconstruct kinds)
+# row name → (scores, stats or None, PruneTargets extras, reconstruct kinds, ridge or None)
+ALL = ("proj", "fc2", "qkv", "fc1")
 ROWS = {
-    "paper: (l2, mean), plain slicing": ("default", None, dict(position0_fold=False), ()),
+    "paper: (l2, mean), plain slicing": ("default", None, dict(position0_fold=False), (), None),
     "paper + head residual": ("default", None, dict(position0_fold=False, head_residual=True),
-                              ()),
-    "position-0 fold": ("default", None, {}, ()),
-    "fold + refit fc2": ("default", "default", {}, ("fc2",)),
-    "fold + refit proj (constrained)": ("default", "default", {}, ("proj",)),
-    "fold + refit proj + fc2 (robust default)": ("default", "default", {}, ("proj", "fc2")),
-    "refit proj + fc2, no fold (unconstrained)": ("default", "default",
-                                                  dict(position0_fold=False), ("proj", "fc2")),
-    "peak scores (l2, max) + fold + refit": ("peak", "default", {}, ("proj", "fc2")),
-    "50% document-start calibration + fold + refit": ("docmix", "docmix", {}, ("proj", "fc2")),
+                              (), None),
+    "position-0 fold": ("default", None, {}, (), None),
+    "fold + refit fc2": ("default", "default", {}, ("fc2",), None),
+    "fold + refit proj (constrained)": ("default", "default", {}, ("proj",), None),
+    "fold + refit proj + fc2": ("default", "default", {}, ("proj", "fc2"), None),
+    "fold + refit qkv + fc1 (hidden channels)": ("default", "default", {}, ("qkv", "fc1"), None),
+    "fold + refit all four (robust default)": ("default", "default", {}, ALL, None),
+    "refit all four, no fold (unconstrained proj)": ("default", "default",
+                                                     dict(position0_fold=False), ALL, None),
+    "peak scores (l2, max) + fold + refit all": ("peak", "default", {}, ALL, None),
+    "50% document-start calibration + fold + refit all": ("docmix", "docmix", {}, ALL, None),
+    "robust default, ridge 1e-2": ("default", "default", {}, ALL, 1e-2),
 }
 SCORINGS = {"default": dict(), "peak": dict(seq_agg="max"), "docmix": dict(calib_doc_starts=0.5)}
 SAVE = {"paper": "paper: (l2, mean), plain slicing",
-        "robust": "fold + refit proj + fc2 (robust default)"}
+        "robust": "fold + refit all four (robust default)"}
 
 
 def main(argv=None) -> dict:
@@ -50,6 +54,8 @@ def main(argv=None) -> dict:
     p.add_argument("--output-dir", default="benchmarks/robust_run")
     p.add_argument("--no-modelopt", action="store_true")
     p.add_argument("--save-checkpoints", action="store_true")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep the rows already in OUTPUT/ablation.json (same settings)")
     args = p.parse_args(argv)
 
     from minitron_megatron.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
@@ -73,6 +79,11 @@ def main(argv=None) -> dict:
     result = {"target": TARGET, "parameters": cfg.replace(**TARGET).num_parameters(),
               "teacher_parameters": cfg.num_parameters(), "calib_samples": args.calib_samples,
               "eval_samples": args.eval_samples, "ridge": args.ridge, "rows": {}}
+    previous = out_dir / "ablation.json"
+    if args.reuse and previous.is_file():
+        old = json.loads(previous.read_text())
+        same = all(old.get(k) == result[k] for k in ("calib_samples", "eval_samples", "ridge"))
+        result["rows"] = old["rows"] if same else {}
     started = time.perf_counter()
     with distributed(LaunchEnv(), ParallelConfig()) as ps:
         data = DataConfig(data_path=args.data_path, seq_length=seq)
@@ -98,11 +109,15 @@ def main(argv=None) -> dict:
             (out_dir / "ablation.json").write_text(json.dumps(result, indent=1))
 
         teacher = loaded()
-        record("teacher", teacher)
+        if "teacher" not in result["rows"]:
+            record("teacher", teacher)
         scores, stats = {}, {}
         for name, settings in SCORINGS.items():
             path, sdir = work / f"scores-{name}.safetensors", work / f"stats-{name}"
-            if not path.is_file():
+            meta = sdir / "stats.json"
+            stale = name != "peak" and (not meta.is_file() or "qkv" not in json.loads(
+                meta.read_text())["kinds"])
+            if not path.is_file() or stale:
                 t0 = time.perf_counter()
                 s = estimate_importance(
                     teacher, ps, datasets["train"], model_config=cfg,
@@ -115,25 +130,31 @@ def main(argv=None) -> dict:
             if name != "peak":
                 stats[name] = str(sdir)
 
-        for row, (scoring, stat, extras, kinds) in ROWS.items():
+        for row, (scoring, stat, extras, kinds, ridge) in ROWS.items():
+            keep = args.save_checkpoints and row in SAVE.values()
+            if row in result["rows"] and not keep:
+                continue
             plan = make_plan(scores[scoring], PruneTargets(**TARGET, **extras))
-            refit = Reconstructor(ReconstructConfig(stats=stats[stat], ridge=args.ridge,
+            refit = Reconstructor(ReconstructConfig(stats=stats[stat], ridge=ridge or args.ridge,
                                                     kinds=kinds)) if kinds else None
             pruned, target = apply_plan(teacher, plan, ps, reconstruct=refit)
-            record(row, pruned)
+            if row not in result["rows"]:
+                record(row, pruned)
             for key, wanted in SAVE.items():
                 if args.save_checkpoints and wanted == row:
                     save_checkpoint(work / f"ckpt-{key}", model=pruned, model_config=target,
                                     tokenizer_dir=info.tokenizer_dir)
             del pruned
 
-        if not args.no_modelopt:
+        if not args.no_modelopt and ("ModelOpt 0.43.0 mcore_minitron" not in result["rows"]
+                                     or args.save_checkpoints):
             from benchmarks.modelopt_baseline import modelopt_prune
 
             calibration = list(micro_batches(datasets["train"], range(args.calib_samples), mb))
             model, seconds = modelopt_prune(loaded(), cfg, ps, TARGET, calibration,
                                             seq_length=seq, micro_batch_size=mb)
-            record("ModelOpt 0.43.0 mcore_minitron", model, prune_seconds=seconds["wall"])
+            if "ModelOpt 0.43.0 mcore_minitron" not in result["rows"]:
+                record("ModelOpt 0.43.0 mcore_minitron", model, prune_seconds=seconds["wall"])
             if args.save_checkpoints:  # into our format, to distill it exactly as ours
                 target = cfg.replace(**TARGET)
                 ours = build_model(target, ps, init_weights=False, spec="local")

@@ -50,6 +50,9 @@ def main(argv=None) -> dict:
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--eval-samples", type=int, default=48)
     p.add_argument("--nproc", type=int, default=2, help="data-parallel distillation ranks")
+    p.add_argument("--skip-zero-shot", action="store_true",
+                   help="evaluate only the distilled students (the zero-shot losses are in "
+                        "prune_robust.py's table, on the same windows)")
     args = p.parse_args(argv)
 
     out = Path(args.output)
@@ -74,7 +77,9 @@ def main(argv=None) -> dict:
               "--save-interval", str(args.train_iters), "--log-interval", "8"], args.nproc)
         seconds = time.perf_counter() - start
         evaluated = {}
-        for which, path in (("zero_shot", ckpt), ("distilled", str(save))):
+        todo = (("distilled", str(save)),) if args.skip_zero_shot else (
+            ("zero_shot", ckpt), ("distilled", str(save)))
+        for which, path in todo:
             evaluated[which] = _cli(["evaluate", "--load", path, "--data-path", args.data_path,
                                      "--seq-length", "256", "--eval-samples",
                                      str(args.eval_samples), "--micro-batch-size", "4",
