@@ -23,7 +23,8 @@ GPUS_PER_NODE=3 "${RUN[@]}" evaluate --load "$WORK/teacher" "${DATA[@]}" --eval-
   --micro-batch-size 2 --tensor-model-parallel-size 3
 
 # Importance: width scores (batch=L2, seq=mean) and the block-importance depth metric; the same
-# pass gathers the input Gram matrices that `prune --reconstruct` refits linear_proj/fc2 from.
+# pass gathers the input Gram matrices that `prune --reconstruct` refits linear_proj, linear_fc2,
+# linear_qkv and linear_fc1 from (also the default, into scores.stats, without --save-stats).
 GPUS_PER_NODE=3 "${RUN[@]}" importance --load "$WORK/teacher" "${DATA[@]}" --calib-samples 64 \
   --micro-batch-size 2 --depth-metrics bi --save-scores "$WORK/scores.safetensors" \
   --save-stats "$WORK/stats" --tensor-model-parallel-size 3

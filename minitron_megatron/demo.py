@@ -66,8 +66,9 @@ class DemoConfig:
     """Also measure every loss by window start (four more forward passes per evaluation)."""
 
     reconstruct: bool = True
-    """Refit ``linear_proj`` / ``linear_fc2`` by least squares after pruning
-    (``importance --save-stats`` + ``prune --reconstruct``)."""
+    """Refit the readers of pruned units (``linear_proj``, ``linear_fc2``, ``linear_qkv``,
+    ``linear_fc1``) by least squares after pruning (``importance --save-stats`` + ``prune
+    --reconstruct``, the CLI's default); ``False`` slices them as the paper does."""
 
     python: str = field(default_factory=lambda: sys.executable)
     """Interpreter that runs the stages."""
@@ -158,14 +159,14 @@ class Demo:
             "importance", "--load", str(teacher), "--data-path", str(self.data),
             "--seq-length", str(cfg.seq_length), "--calib-samples", str(cfg.calib_samples),
             "--micro-batch-size", "2", "--save-scores", str(d / "scores.safetensors"), *tp,
-            *(["--save-stats", str(d / "stats")] if cfg.reconstruct else []),
+            *(["--save-stats", str(d / "stats")] if cfg.reconstruct else ["--no-save-stats"]),
         ], nproc=cfg.nproc, layout=f"TP={cfg.nproc}")
         targets = [f"--target-{k.replace('_', '-')}" for k in PRUNE_TARGET]
         self._run("prune", [
             "prune", "--load", str(teacher), "--scores", str(d / "scores.safetensors"),
             "--save", str(student),
             *(x for flag, v in zip(targets, PRUNE_TARGET.values()) for x in (flag, str(v))), *tp,
-            *(["--reconstruct", str(d / "stats")] if cfg.reconstruct else []),
+            *(["--reconstruct", str(d / "stats")] if cfg.reconstruct else ["--no-reconstruct"]),
         ], nproc=cfg.nproc, layout=f"TP={cfg.nproc}")
         self._evaluate("pruned zero-shot loss", student)
         self._run("distill", [

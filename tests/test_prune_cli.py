@@ -15,6 +15,7 @@ import torch
 from minitron_megatron import cli
 from minitron_megatron.checkpoint import find_checkpoint
 from minitron_megatron.importance import Scores
+from minitron_megatron.importance.stats import default_stats_dir, has_stats
 from minitron_megatron.pruning.apply import PLAN_FILE, RECONSTRUCT_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,8 +47,8 @@ BAD_TARGETS = [
     (["--target-num-layers", "3", "--depth-method", "block"], "no 'block:1' depth scores"),
     (["--target-ffn-hidden-size", "48", "--reconstruct", "/nonexistent/stats"],
      "holds no reconstruction statistics"),
-    (["--target-ffn-hidden-size", "48", "--reconstruct", "x", "--reconstruct-layers", "qkv"],
-     "must be a non-empty subset of proj, fc2"),
+    (["--target-ffn-hidden-size", "48", "--reconstruct", "x", "--reconstruct-layers", "fc3"],
+     "must be a non-empty subset of proj, fc2, qkv, fc1"),
     (["--target-ffn-hidden-size", "48", "--reconstruct", "x", "--reconstruct-ridge", "-1"],
      "must be ≥ 0"),
 ]
@@ -71,6 +72,41 @@ def test_position0_fold_is_the_default_and_can_be_turned_off(scores_files, llama
         assert args.func is run
         seen.append(args.position0_fold)
     assert seen == [True, False]
+
+
+def test_importance_saves_stats_next_to_the_scores_and_prune_refits_from_them(
+        scores_files, llama_ckpt_untied, tiny_dataset, tmp_path, capsys):
+    """The robust pipeline is the default: ``importance`` writes SCORES.stats, ``prune`` finds
+    them and refits all four readers; ``--no-reconstruct`` (and ``--no-save-stats``) give the
+    sliced model."""
+    stats = default_stats_dir(scores_files["llama"])
+    assert stats.name == "llama.stats" and has_stats(stats)
+    common = ["prune", "--load", str(llama_ckpt_untied), "--scores", str(scores_files["llama"]),
+              "--target-ffn-hidden-size", "48", "--target-hidden-size", "48",
+              "--target-num-attention-heads", "2"]
+    runs = {}
+    for name, extra in (("default", []), ("sliced", ["--no-reconstruct"]),
+                        ("paper", ["--no-reconstruct", "--no-position0-fold"])):
+        capsys.readouterr()
+        cli.main([*common, "--save", str(tmp_path / name), *extra])
+        runs[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert runs["default"]["reconstruct"] == str(stats)
+    assert runs["sliced"]["reconstruct"] is None and runs["paper"]["reconstruct"] is None
+    ckpt = {name: find_checkpoint(tmp_path / name) for name in runs}
+    refit = json.loads((ckpt["default"].path / RECONSTRUCT_FILE).read_text())
+    assert refit["kinds"] == ["proj", "fc2", "qkv", "fc1"] and refit["stats"] == str(stats)
+    assert not (ckpt["sliced"].path / RECONSTRUCT_FILE).exists()
+    plans = {n: json.loads((c.path / PLAN_FILE).read_text()) for n, c in ckpt.items()}
+    assert [plans[n]["position0_fold"] for n in runs] == [True, True, False]
+
+    bare = tmp_path / "bare.safetensors"
+    cli.main(_importance_args(llama_ckpt_untied, tiny_dataset, bare, "--no-save-stats"))
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stats"] is None
+    assert not default_stats_dir(bare).exists()
+    cli.main([*common[:3], "--scores", str(bare),
+              *common[5:], "--save", str(tmp_path / "bare")])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["reconstruct"] is None
+    assert not (find_checkpoint(tmp_path / "bare").path / RECONSTRUCT_FILE).exists()
 
 
 def test_scores_of_another_model_are_refused(scores_files, llama_ckpt_untied, tmp_path, capsys,

@@ -35,10 +35,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--depth-metrics", default="bi",
                    help="comma-separated: bi, loss, block:K (loss and block cost one forward "
                         "pass over the calibration samples per layer / block start)")
-    p.add_argument("--save-stats", default=None, metavar="DIR",
-                   help="also gather, in the same pass, the input Gram matrices of linear_proj "
-                        "and linear_fc2 that `prune --reconstruct DIR` refits them from "
-                        "(sharded over TP, one file per TP rank and stage; any layout reads them)")
+    stats = p.add_mutually_exclusive_group()
+    stats.add_argument("--save-stats", default=None, metavar="DIR",
+                       help="where to write the input Gram matrices of linear_proj, linear_fc2 "
+                            "and (RMSNorm models) the norm inputs of linear_qkv/linear_fc1, "
+                            "gathered in the same pass, that `prune` refits those layers from "
+                            "(default: the --save-scores path with its suffix replaced by "
+                            ".stats; sharded over TP, one file per TP rank and stage, read at "
+                            "any layout; fp32, 32.7 GB for Llama-3.1-8B, 1/TP per rank)")
+    stats.add_argument("--no-save-stats", action="store_true",
+                       help="skip the statistics (the paper's pass; `prune` then slices)")
     p.add_argument("--params-dtype", choices=DTYPES, default="fp32")
     add_data_args(p)
     add_parallel_args(p)
@@ -48,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     from minitron_megatron.checkpoint import find_checkpoint
     from minitron_megatron.importance import ImportanceConfig, importance_checkpoint
+    from minitron_megatron.importance.stats import default_stats_dir
 
     info = find_checkpoint(args.load)
     config = ImportanceConfig(batch_agg=args.batch_agg, seq_agg=args.seq_agg,
@@ -59,6 +66,7 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"--save-scores {out} must be a file in an existing directory.")
     if args.calib_samples <= 0:
         raise ValueError(f"--calib-samples must be positive, got {args.calib_samples}.")
+    stats_dir = None if args.no_save_stats else Path(args.save_stats or default_stats_dir(out))
     data = data_config(args)
     parallel = parallel_config(args)
     info.model_config.check_parallel(tensor_parallel=parallel.tensor_model_parallel_size,
@@ -67,10 +75,11 @@ def run(args: argparse.Namespace) -> None:
         scores = importance_checkpoint(info, ps, data, num_samples=args.calib_samples,
                                        micro_batch_size=args.micro_batch_size, config=config,
                                        params_dtype=DTYPES[args.params_dtype],
-                                       stats_dir=args.save_stats)
+                                       stats_dir=stats_dir)
         if ps.rank == 0:
             scores.save(out)
             print(json.dumps({"scores": str(out), "calibration_loss": scores.calibration_loss,
                               "samples": scores.num_samples, "tokens": scores.num_tokens,
                               "depth_metrics": list(scores.depth),
-                              "stats": args.save_stats}), flush=True)
+                              "stats": None if stats_dir is None else str(stats_dir)}),
+                  flush=True)

@@ -35,14 +35,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="slice pruned heads away as the paper does, instead of folding their "
                         "output projection into their group's kept heads (which keeps the "
                         "attention output at position 0 exact)")
-    p.add_argument("--reconstruct", default=None, metavar="STATS_DIR",
-                   help="refit linear_proj and linear_fc2 by least squares so they reproduce the "
-                        "unpruned layers' outputs on the calibration tokens (statistics from "
-                        "`importance --save-stats STATS_DIR`)")
+    refit = p.add_mutually_exclusive_group()
+    refit.add_argument("--reconstruct", default=None, metavar="STATS_DIR",
+                       help="refit the layers that read pruned units by least squares so they "
+                            "reproduce the unpruned layers' outputs on the calibration tokens, "
+                            "from the statistics of `importance --save-stats STATS_DIR` (default: "
+                            "the statistics `importance` saved next to --scores, SCORES.stats, "
+                            "when present)")
+    refit.add_argument("--no-reconstruct", action="store_true",
+                       help="slice the readers of pruned units as the paper does, even when "
+                            "statistics are present")
     p.add_argument("--reconstruct-ridge", type=float, default=1e-3,
                    help="ridge, relative to the mean diagonal of the kept units' Gram block")
-    p.add_argument("--reconstruct-layers", default="proj,fc2",
-                   help="which readers to refit: proj (after head pruning), fc2 (neurons)")
+    p.add_argument("--reconstruct-layers", default="proj,fc2,qkv,fc1",
+                   help="which readers to refit: proj (after head pruning), fc2 (neurons), "
+                        "qkv and fc1 (hidden channels; RMSNorm models)")
     p.add_argument("--params-dtype", choices=DTYPES, default="fp32")
     add_parallel_args(p)
     p.set_defaults(func=run)
@@ -51,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     from minitron_megatron.checkpoint import find_checkpoint
     from minitron_megatron.importance import Scores
+    from minitron_megatron.importance.stats import default_stats_dir, has_stats
     from minitron_megatron.pruning import PruneTargets, make_plan, prune_checkpoint
     from minitron_megatron.pruning.apply import check_prune_inputs, check_same_model
     from minitron_megatron.pruning.reconstruct import ReconstructConfig
@@ -69,10 +77,13 @@ def run(args: argparse.Namespace) -> None:
     info.model_config.check_parallel(**layout)
     check_same_model(scores.model_config, info)
     plan = make_plan(scores, targets)
+    stats = args.reconstruct
+    if stats is None and not args.no_reconstruct and has_stats(default_stats_dir(args.scores)):
+        stats = str(default_stats_dir(args.scores))
     reconstruct = None
-    if args.reconstruct:
+    if stats is not None:
         reconstruct = ReconstructConfig(
-            stats=args.reconstruct, ridge=args.reconstruct_ridge,
+            stats=stats, ridge=args.reconstruct_ridge,
             kinds=tuple(k for k in args.reconstruct_layers.split(",") if k))
     check_prune_inputs(info, plan, args.save, reconstruct=reconstruct, **layout)
     with run_distributed(parallel) as ps:
@@ -81,5 +92,6 @@ def run(args: argparse.Namespace) -> None:
         if ps.rank == 0:
             print(json.dumps({"save": str(path), "source_parameters":
                               plan.source.num_parameters(), "parameters":
-                              plan.target.num_parameters(), "target": plan.target.to_dict()}),
+                              plan.target.num_parameters(), "target": plan.target.to_dict(),
+                              "reconstruct": stats}),
                   flush=True)

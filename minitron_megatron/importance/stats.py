@@ -1,5 +1,6 @@
 """Input Gram matrices of the layers that read prunable units — the statistics of
-``prune --reconstruct`` — gathered in the importance pass (``importance --save-stats DIR``).
+``prune --reconstruct`` — gathered in the importance pass (by default into ``SCORES.stats`` next to
+the scores file; ``importance --save-stats DIR`` elsewhere, ``--no-save-stats`` not at all).
 
 For layer ``l`` and each reader kind, with ``z_t`` its input at calibration token ``t`` (every
 real token of every sample)::
@@ -47,6 +48,16 @@ FORMAT = "minitron-gram-stats/1"
 KINDS = ("proj", "fc2", "qkv", "fc1")
 HIDDEN_KINDS = ("qkv", "fc1")  # readers of the (pruned) hidden channels, through a norm
 META = "stats.json"
+
+
+def default_stats_dir(scores: str | Path) -> Path:
+    """Where ``importance`` writes the statistics by default and ``prune`` looks for them: the
+    scores file with its suffix replaced by ``.stats`` (``s.safetensors`` → ``s.stats``)."""
+    return Path(scores).with_suffix(".stats")
+
+
+def has_stats(directory: str | Path) -> bool:
+    return (Path(directory) / META).is_file()
 
 
 def _gather_tp(x: torch.Tensor, ps: ParallelState) -> torch.Tensor:
