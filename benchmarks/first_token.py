@@ -9,7 +9,8 @@ replaced by ``,`` / ``.`` / end-of-document:
 2. the **attention sink**: the attention mass every layer puts on key 0 (queries ≥ 8, all heads);
 3. why the scores cannot see it: each early layer's per-head output norm at position 0 versus its
    mean over the other positions (the ``seq = mean`` aggregation), and the heads the paper's
-   plan drops;
+   plan drops; the same for the MLP neurons of the first three layers (their rank by the
+   paper's score, kept or not), and the massive channel's rank among the hidden channels;
 4. where it breaks: heads pruned (masked) in one range of layers at a time, and the spread of the
    loss by window start.
 
@@ -53,12 +54,18 @@ class Probe:
                 self.handles.append(attn.linear_proj.register_forward_pre_hook(
                     lambda m, a, i=i, d=d: self._put(("o", i), a[0].view(
                         a[0].shape[0], a[0].shape[1], -1, d).norm(dim=-1))))  # [s, b, H]
+                self.handles.append(layer.mlp.linear_fc2.register_forward_pre_hook(
+                    lambda m, a, i=i: self._neurons(i, a[0])))  # [s, b, F]
 
     def _x(self, i, x):  # x [s, b, h]
         if self.channel is not None:
             self._put(("x", i), x[:, :, self.channel])  # [s, b]
         if i == self.mid:
             self._put(("x0", i), x[0].abs())  # [b, h]
+
+    def _neurons(self, i, a):  # a [s, b, F]: |activation| at position 0, mean over the rest
+        self._put(("f0", i), a[0].abs())  # [b, F]
+        self._put(("fm", i), a[1:].abs().mean(0))  # [b, F]
 
     def _put(self, key, value):
         self.out.setdefault(key, []).append(value.detach().float().clone())
@@ -128,6 +135,9 @@ def main(argv=None) -> dict:
     scores = Scores.load(args.scores)
     n_valid = max(args.windows, args.eval_samples)
     result: dict = {"windows": args.windows, "eval_samples": args.eval_samples}
+
+    def save():  # after every stage, so a stopped run keeps what it measured
+        (out_dir / "mechanism.json").write_text(json.dumps(result, indent=1))
     with distributed(LaunchEnv(), ParallelConfig()) as ps:
         valid = build_datasets(DataConfig(data_path=args.data_path, seq_length=seq),
                                eod_id=firsts["eos"], vocab_size=cfg.vocab_size,
@@ -143,7 +153,17 @@ def main(argv=None) -> dict:
         probe.close()
         channel = int(mid.mean(0).argmax())
         result["massive_channel"] = channel
+        top = mid.mean(0).topk(6)
+        result["mid_layer_pos0_top_channels"] = {
+            "layer": cfg.num_layers // 2, "channels": top.indices.tolist(),
+            "abs_pos0": top.values.tolist(), "median_abs_pos0": mid.mean(0).median().item()}
+        hidden = scores.hidden
+        paper_hidden = make_plan(scores, PruneTargets(**TARGET, position0_fold=False)).hidden
+        result["massive_channel_score_rank"] = int((hidden > hidden[channel]).sum())
+        result["massive_channel_kept"] = channel in paper_hidden
+        save()
         result["teacher"] = trace(teacher, ps, by_variant, channel, cfg.num_layers)
+        save()
 
         # head outputs at position 0 vs elsewhere (layers 0-2) and the paper plan's choice
         probe = Probe(teacher)
@@ -151,7 +171,7 @@ def main(argv=None) -> dict:
         probe.close()
         d = cfg.kv_channels
         paper = make_plan(scores, PruneTargets(**TARGET, position0_fold=False))
-        result["heads"] = {}
+        result["heads"], result["neurons"] = {}, {}
         for i in range(3):
             norms = got[("o", i)]  # [s, b, H]
             result["heads"][i] = {"pos0": norms[0].mean(0).tolist(),
@@ -159,6 +179,19 @@ def main(argv=None) -> dict:
                                   "score": scores.heads[i].tolist(),
                                   "dropped": [j for j in range(cfg.num_attention_heads)
                                               if j not in paper.layers[i].heads]}
+            # the MLP neurons with the largest activation at position 0: their activation
+            # elsewhere, their rank by the paper's (l2, mean) score, and whether it keeps them
+            f0, fm = got[("f0", i)].mean(0), got[("fm", i)].mean(0)  # [F]
+            rank = scores.ffn[i].argsort(descending=True).argsort()
+            kept = set(paper.layers[i].ffn)
+            idx = f0.topk(8).indices.tolist()
+            result["neurons"][i] = {
+                "top_pos0": idx, "pos0": [f0[j].item() for j in idx],
+                "mean_elsewhere": [fm[j].item() for j in idx],
+                "score_rank": [int(rank[j]) for j in idx], "kept": [j in kept for j in idx],
+                "ffn": cfg.ffn_hidden_size, "kept_count": len(kept),
+                "median_pos0": f0.median().item(), "median_elsewhere": fm.median().item()}
+        save()
 
         for fold in (False, True):
             plan = make_plan(scores, PruneTargets(**TARGET, position0_fold=fold))
@@ -168,6 +201,7 @@ def main(argv=None) -> dict:
             result[name] = trace(pruned, ps, by_variant, kept, cfg.num_layers) if kept is not \
                 None else "massive channel pruned"
             del pruned
+        save()
 
         # where it breaks: heads dropped by the paper's plan, masked in one range of layers
         starts = WindowStarts(first_tokens=firsts)
@@ -188,9 +222,58 @@ def main(argv=None) -> dict:
                                micro_batch_size=4, seq_length=seq, window_starts=starts)
             result["spread_by_range"][name] = r.window_starts
             print(name, json.dumps(r.window_starts), flush=True)
-    (out_dir / "mechanism.json").write_text(json.dumps(result, indent=1))
+            save()
     plot(result, out_dir)
+    (out_dir / "mechanism.md").write_text(markdown(result))
+    print(markdown(result), flush=True)
     return result
+
+
+def markdown(r: dict) -> str:
+    """The tables of ``RESULTS_pruning.md`` from ``mechanism.json``."""
+    def get(d, i):
+        return d[str(i)] if str(i) in d else d[i]
+
+    c, mid = r["massive_channel"], r["mid_layer_pos0_top_channels"]
+    out = [f"Massive channel: **{c}** — |x| at position 0 after layer {mid['layer']}: "
+           + ", ".join(f"ch {ch} {v:.0f}" for ch, v in zip(mid["channels"], mid["abs_pos0"]))
+           + f" (median channel {mid['median_abs_pos0']:.1f}); its hidden-score rank "
+           f"{r['massive_channel_score_rank']} (0 = highest), kept by the paper's plan: "
+           f"{r['massive_channel_kept']}.", ""]
+    layers = len(r["teacher"]["as_sampled"]["sink"])
+    show = sorted({0, 1, 2, 3, 5, layers // 2, layers - 1})
+    out += ["| model, first token | " + " | ".join(f"L{i}" for i in show)
+            + " | max elsewhere (L" + str(layers // 2) + ") | sink, mean L3..L" + str(layers - 1)
+            + " |", "|---|" + "---:|" * (len(show) + 2)]
+    for model in ("teacher", "pruned_paper", "pruned_fold"):
+        if not isinstance(r.get(model), dict):
+            out.append(f"| {model} | {r.get(model)} |")
+            continue
+        for variant, v in r[model].items():
+            sink = sum(v["sink"][3:]) / len(v["sink"][3:])
+            out.append(f"| {model}, {variant} | " + " | ".join(
+                f"{v['massive_pos0'][i]:.0f}" for i in show)
+                + f" | {v['massive_elsewhere_max'][layers // 2]:.1f} | {sink:.3f} |")
+    out += ["", "| layer | head | ‖o‖ at position 0 | mean ‖o‖ elsewhere | score | dropped "
+            "by the paper |", "|---|---:|---:|---:|---:|---|"]
+    for i in range(3):
+        h = get(r["heads"], i)
+        for j in range(len(h["pos0"])):
+            out.append(f"| {i} | {j} | {h['pos0'][j]:.3f} | {h['mean_elsewhere'][j]:.3f} | "
+                       f"{h['score'][j]:.2f} | {'yes' if j in h['dropped'] else ''} |")
+    out += ["", "| layer | neuron | |a| at position 0 | mean |a| elsewhere | score rank (of F) "
+            "| kept by the paper |", "|---|---:|---:|---:|---:|---|"]
+    for i in range(3):
+        n = get(r["neurons"], i)
+        for k, j in enumerate(n["top_pos0"][:4]):
+            out.append(f"| {i} | {j} | {n['pos0'][k]:.2f} | {n['mean_elsewhere'][k]:.3f} | "
+                       f"{n['score_rank'][k]} of {n['ffn']} | {'yes' if n['kept'][k] else 'no'} |")
+    out += ["", "| heads masked (the paper's choice, no other change) | as sampled | `,` | `.` "
+            "| EOS | spread |", "|---|---:|---:|---:|---:|---:|"]
+    for name, w in r.get("spread_by_range", {}).items():
+        out.append(f"| layers {name} | {w['as_sampled']:.3f} | {w['comma_first']:.3f} | "
+                   f"{w['period_first']:.3f} | {w['eos_first']:.3f} | {w['spread']:.3f} |")
+    return "\n".join(out) + "\n"
 
 
 def plot(r: dict, out_dir: Path) -> None:
