@@ -261,8 +261,8 @@ def markdown(r: dict) -> str:
         for j in range(len(h["pos0"])):
             out.append(f"| {i} | {j} | {h['pos0'][j]:.3f} | {h['mean_elsewhere'][j]:.3f} | "
                        f"{h['score'][j]:.2f} | {'yes' if j in h['dropped'] else ''} |")
-    out += ["", "| layer | neuron | |a| at position 0 | mean |a| elsewhere | score rank (of F) "
-            "| kept by the paper |", "|---|---:|---:|---:|---:|---|"]
+    out += ["", "| layer | neuron | abs(a) at position 0 | mean abs(a) elsewhere "
+            "| score rank (of F) | kept by the paper |", "|---|---:|---:|---:|---:|---|"]
     for i in range(3):
         n = get(r["neurons"], i)
         for k, j in enumerate(n["top_pos0"][:4]):
