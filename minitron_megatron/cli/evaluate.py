@@ -21,6 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--load", required=True, help="checkpoint directory")
     p.add_argument("--eval-samples", type=int, required=True)
     p.add_argument("--output-json", default=None, help="also write the result here")
+    p.add_argument("--window-starts", action="store_true",
+                   help="also report the loss by window start: as sampled, with the first token "
+                        "replaced by a comma, a period and end-of-document, and on windows that "
+                        "start at a document start (positions 1..S-1; five forward passes)")
     p.add_argument("--params-dtype", choices=DTYPES, default="fp32")
     add_data_args(p)
     add_parallel_args(p)
@@ -44,7 +48,8 @@ def run(args: argparse.Namespace) -> None:
     with run_distributed(parallel) as ps:
         result = evaluate_checkpoint(info, ps, data, num_samples=run.num_samples,
                                      micro_batch_size=run.micro_batch_size,
-                                     params_dtype=DTYPES[args.params_dtype])
+                                     params_dtype=DTYPES[args.params_dtype],
+                                     window_starts=args.window_starts)
         if ps.rank == 0:
             line = json.dumps(result.to_dict())
             print(line, flush=True)
