@@ -69,6 +69,9 @@ def main() -> None:
         rows.append(("zero-shot held-out loss, ours | ModelOpt "
                      f"({side['pruned_parameters'] / 1e6:.1f}M params)",
                      f"{side['ours_loss']:.3f} | {side['modelopt_loss']:.3f}", "ours lower"))
+        rows.append(("zero-shot window-start spread (nats), ours | ModelOpt",
+                     f"{side['ours_window_starts']['spread']:.3f} | "
+                     f"{side['modelopt_window_starts']['spread']:.3f}", "ours ≤ 0.2"))
     imp = _run(["benchmarks/bench_importance.py", *common, "--samples", "8" if small else "16",
                 "--repeats", "2" if small else "5"])
     rows.append(("importance pass / plain forward (same batches)", f"{imp['ratio']:.3f}",

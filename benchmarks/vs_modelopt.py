@@ -2,9 +2,10 @@
 
 Both start from the same loaded checkpoint (one process, TP=1: ModelOpt's only layout), calibrate
 on the same TRAIN-split samples and produce the same target shape; timed is what each needs from
-a loaded model to a pruned one (ours: calibration with hooks + scoring + plan + slicing; ModelOpt:
-its whole ``mtp.prune`` call). Then both pruned models are evaluated on the same VALID-split
-samples. Our pruned model is also saved (``--save``) for the other benchmarks.
+a loaded model to a pruned one (ours: calibration with hooks + Gram statistics + scoring + plan +
+position-0 fold + least-squares refit; ModelOpt: its whole ``mtp.prune`` call). Then both pruned
+models are evaluated on the same VALID-split samples, with the loss by window start. Our pruned
+model is also saved (``--save``) for the other benchmarks.
 
     python benchmarks/vs_modelopt.py --load ckpt/teacher --data-path data/wiki --save ckpt/pruned
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 
 from benchmarks.modelopt_baseline import MODELOPT_INSTALL, modelopt_prune
@@ -24,10 +26,18 @@ def main(argv: list[str] | None = None) -> dict:
     from minitron_megatron.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
     from minitron_megatron.config import ParallelConfig
     from minitron_megatron.data.loaders import DataConfig, build_datasets, micro_batches
-    from minitron_megatron.evaluate import eod_id_of, evaluate_model
+    from minitron_megatron.data.tokenizer import Tokenizer
+    from minitron_megatron.data.windows import DocumentStartWindows
+    from minitron_megatron.evaluate import (
+        WindowStarts,
+        eod_id_of,
+        evaluate_model,
+        first_token_ids,
+    )
     from minitron_megatron.importance import ImportanceConfig, estimate_importance
     from minitron_megatron.model.build import build_model
     from minitron_megatron.pruning import PruneTargets, apply_plan, make_plan
+    from minitron_megatron.pruning.reconstruct import ReconstructConfig, Reconstructor
     from minitron_megatron.runtime.distributed import LaunchEnv, distributed
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -58,18 +68,26 @@ def main(argv: list[str] | None = None) -> dict:
             load_checkpoint(info, model=model)
             return model
 
-        def loss(model) -> float:
-            return evaluate_model(model, ps, datasets["valid"], num_samples=args.eval_samples,
-                                  micro_batch_size=mb, seq_length=seq).loss
+        starts = WindowStarts(first_tokens=first_token_ids(Tokenizer.load(info.tokenizer_dir)),
+                              doc_starts=DocumentStartWindows(datasets["valid"], seq))
+
+        def loss(model, name) -> float:
+            r = evaluate_model(model, ps, datasets["valid"], num_samples=args.eval_samples,
+                               micro_batch_size=mb, seq_length=seq, window_starts=starts)
+            result[f"{name}_window_starts"] = r.window_starts
+            return r.loss
 
         model = loaded()
         start = time.perf_counter()
-        scores = estimate_importance(model, ps, datasets["train"], model_config=cfg,
-                                     num_samples=args.calib_samples, micro_batch_size=mb,
-                                     seq_length=seq, config=ImportanceConfig(depth_metrics=()))
-        ours, ours_cfg = apply_plan(model, make_plan(scores, PruneTargets(**TARGET)), ps)
+        with tempfile.TemporaryDirectory() as stats:
+            scores = estimate_importance(model, ps, datasets["train"], model_config=cfg,
+                                         num_samples=args.calib_samples, micro_batch_size=mb,
+                                         seq_length=seq, config=ImportanceConfig(depth_metrics=()),
+                                         stats_dir=stats)
+            ours, ours_cfg = apply_plan(model, make_plan(scores, PruneTargets(**TARGET)), ps,
+                                        reconstruct=Reconstructor(ReconstructConfig(stats=stats)))
         result["ours_seconds"] = time.perf_counter() - start
-        result["ours_loss"] = loss(ours)
+        result["ours_loss"] = loss(ours, "ours")
         if args.save:
             save_checkpoint(args.save, model=ours, model_config=ours_cfg,
                             tokenizer_dir=info.tokenizer_dir)
@@ -81,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
             peer, seconds = modelopt_prune(model, cfg, ps, TARGET, calibration, seq_length=seq,
                                            micro_batch_size=mb)
             result["modelopt_seconds"] = seconds["wall"]
-            result["modelopt_loss"] = loss(peer)
+            result["modelopt_loss"] = loss(peer, "modelopt")
             result["time_ratio_ours_over_modelopt"] = (result["ours_seconds"]
                                                        / result["modelopt_seconds"])
         except ImportError:

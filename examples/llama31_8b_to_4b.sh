@@ -32,6 +32,12 @@ DATA=(--data-path "$WORK/data/corpus" --split "99,1,0")
 
 # 3. Width pruning to the 4B shape: hidden 4096 → 3072, MLP 14336 → 9216, heads/layers kept.
 #    (Depth variant: --target-num-layers 16 --depth-method block instead.)
+#    Not in the paper, and the default: step 2 also wrote $WORK/scores.stats (fp32 Gram
+#    matrices of the linear_proj/linear_fc2 inputs and of the unit-RMS norm inputs of
+#    linear_qkv/linear_fc1: 32.7 GB on disk, 4.1 GB per rank at TP=8), and this step finds them
+#    and refits linear_fc2, linear_qkv and linear_fc1 by least squares; pruned heads would be
+#    folded into their groups (benchmarks/RESULTS_pruning.md). The paper's exact method:
+#    `--no-save-stats` in step 2, `--no-reconstruct --no-position0-fold` here.
 "${RUN[@]}" prune --load "$WORK/teacher_corrected" --scores "$WORK/scores.safetensors" \
   --save "$WORK/student_pruned" --target-hidden-size 3072 --target-ffn-hidden-size 9216 \
   --tensor-model-parallel-size $TP --params-dtype bf16

@@ -22,15 +22,18 @@ DATA=(--data-path "$WORK/data/wiki" --seq-length 256)
 GPUS_PER_NODE=3 "${RUN[@]}" evaluate --load "$WORK/teacher" "${DATA[@]}" --eval-samples 48 \
   --micro-batch-size 2 --tensor-model-parallel-size 3
 
-# Importance: width scores (batch=L2, seq=mean) and the block-importance depth metric.
+# Importance: width scores (batch=L2, seq=mean) and the block-importance depth metric; the same
+# pass gathers the input Gram matrices that `prune --reconstruct` refits linear_proj, linear_fc2,
+# linear_qkv and linear_fc1 from (also the default, into scores.stats, without --save-stats).
 GPUS_PER_NODE=3 "${RUN[@]}" importance --load "$WORK/teacher" "${DATA[@]}" --calib-samples 64 \
   --micro-batch-size 2 --depth-metrics bi --save-scores "$WORK/scores.safetensors" \
-  --tensor-model-parallel-size 3
+  --save-stats "$WORK/stats" --tensor-model-parallel-size 3
 
-# Width pruning to 68.5M of 134.5M parameters (every size divisible by TP=3).
+# Width pruning to 68.5M of 134.5M parameters (every size divisible by TP=3); pruned heads are
+# folded into their groups (position 0 kept exact) and the readers of pruned units are refit.
 GPUS_PER_NODE=3 "${RUN[@]}" prune --load "$WORK/teacher" --scores "$WORK/scores.safetensors" \
   --save "$WORK/pruned" --target-hidden-size 448 --target-ffn-hidden-size 768 \
-  --target-num-attention-heads 6 --tensor-model-parallel-size 3
+  --target-num-attention-heads 6 --reconstruct "$WORK/stats" --tensor-model-parallel-size 3
 
 # Optional: rank shapes of the same size by a short distillation each (SEARCH=1).
 if [[ "${SEARCH:-0}" == 1 ]]; then
@@ -48,5 +51,5 @@ GPUS_PER_NODE=2 "${RUN[@]}" distill --teacher "$WORK/teacher" --student "$WORK/p
   --save-interval 20 --log-interval 10
 
 GPUS_PER_NODE=3 "${RUN[@]}" evaluate --load "$WORK/distilled" "${DATA[@]}" --eval-samples 48 \
-  --micro-batch-size 2 --tensor-model-parallel-size 3
+  --micro-batch-size 2 --window-starts --tensor-model-parallel-size 3
 "$PYTHON" -m minitron_megatron export-hf --load "$WORK/distilled" --save "$WORK/hf_student"

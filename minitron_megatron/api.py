@@ -40,7 +40,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -57,6 +57,7 @@ if TYPE_CHECKING:  # the heavy modules load on first call
     from minitron_megatron.importance import ImportanceConfig, Scores
     from minitron_megatron.importance.config import CalibrationConfig
     from minitron_megatron.pruning import PrunePlan, PruneTargets
+    from minitron_megatron.pruning.reconstruct import ReconstructConfig
     from minitron_megatron.search import SearchConfig, SearchResults, SearchSpace
 
     Checkpoint = str | Path | CheckpointInfo
@@ -105,10 +106,15 @@ def estimate_importance(*, load: Checkpoint, data: DataConfig, calibration: Cali
                         parallel: ParallelConfig | None = None,
                         params_dtype: torch.dtype = torch.float32,
                         save_scores: str | Path | None = None,
+                        save_stats: str | Path | Literal["auto"] | None = "auto",
                         launch: LaunchEnv | None = None) -> Scores:
     """Importance scores of checkpoint ``load`` on calibration samples of ``data`` (a
     ``DataConfig``), at ``parallel``'s TP × PP (× DP) layout; saved to ``save_scores`` (a
     ``.safetensors`` file, by rank 0) when given. Returns the layout-free ``Scores``.
+
+    The same pass gathers the Gram statistics ``prune`` refits the pruned layers from, written
+    to ``save_stats`` (``"auto"``: next to ``save_scores``, ``SCORES.stats``, where ``prune``
+    finds them; ``None`` or no ``save_scores``: not gathered, the paper's pass).
 
     ``calibration`` is a ``CalibrationConfig``, ``config`` an ``ImportanceConfig`` (default: the
     paper's best aggregation). The lower-level ``importance.estimate_importance`` scores a model
@@ -125,6 +131,7 @@ def estimate_importance(*, load: Checkpoint, data: DataConfig, calibration: Cali
         scores.heads  # [layers, heads]
     """
     from minitron_megatron.importance import ImportanceConfig, importance_checkpoint
+    from minitron_megatron.importance.stats import default_stats_dir
 
     parallel = parallel or ParallelConfig()
     config = config or ImportanceConfig()
@@ -134,11 +141,14 @@ def estimate_importance(*, load: Checkpoint, data: DataConfig, calibration: Cali
         out = Path(save_scores)
         if out.is_dir() or not out.parent.is_dir():
             raise UserError(f"--save-scores {out} must be a file in an existing directory.")
+    if save_stats == "auto":
+        save_stats = None if save_scores is None else default_stats_dir(save_scores)
     _check_inputs(info, parallel, data.seq_length)
     with run_distributed(parallel, launch) as ps:
         scores = importance_checkpoint(info, ps, data, num_samples=calibration.num_samples,
                                        micro_batch_size=calibration.micro_batch_size,
-                                       config=config, params_dtype=params_dtype)
+                                       config=config, params_dtype=params_dtype,
+                                       stats_dir=save_stats)
         if save_scores is not None and ps.rank == 0:
             scores.save(save_scores)
     return scores
@@ -156,12 +166,15 @@ class PruneResult:
 
 
 def prune(*, load: Checkpoint, scores: Scores | str | Path, targets: PruneTargets,
-          save: str | Path,
+          save: str | Path, reconstruct: ReconstructConfig | Literal["auto"] | None = "auto",
           parallel: ParallelConfig | None = None, params_dtype: torch.dtype = torch.float32,
           overwrite: bool = False, launch: LaunchEnv | None = None) -> PruneResult:
     """Prune checkpoint ``load`` by ``scores`` (a ``Scores`` or its file) to ``targets`` (a
     ``PruneTargets``) and save it at its new shape in ``save`` (new or empty unless
-    ``overwrite``). Every check runs once first (``pruning.preflight.check_prune``).
+    ``overwrite``). The layers reading pruned units are refit by least squares from
+    ``reconstruct``'s statistics (a ``ReconstructConfig``); ``"auto"``: from the statistics
+    ``estimate_importance`` saved next to the scores file when there are any; ``None``: sliced,
+    as the paper. Every check runs once first (``pruning.preflight.check_prune``).
 
     Example::
 
@@ -171,16 +184,21 @@ def prune(*, load: Checkpoint, scores: Scores | str | Path, targets: PruneTarget
     """
     from minitron_megatron.importance import Scores
     from minitron_megatron.pruning import prune_checkpoint
-    from minitron_megatron.pruning.preflight import check_prune
+    from minitron_megatron.pruning.preflight import check_prune, saved_stats
+    from minitron_megatron.pruning.reconstruct import ReconstructConfig
 
     parallel = parallel or ParallelConfig()
+    if reconstruct == "auto":
+        stats = None if isinstance(scores, Scores) else saved_stats(scores)
+        reconstruct = ReconstructConfig(stats=stats) if stats else None
     info = _checkpoint(load)
     if not isinstance(scores, Scores):
         scores = Scores.load(scores)
     plan = check_prune(info=info, scores=scores, targets=targets, save=save, parallel=parallel,
-                       overwrite=overwrite)
+                       overwrite=overwrite, reconstruct=reconstruct)
     with run_distributed(parallel, launch) as ps:
-        path = prune_checkpoint(info, plan, save, ps, params_dtype=params_dtype)
+        path = prune_checkpoint(info, plan, save, ps, params_dtype=params_dtype,
+                                reconstruct=reconstruct)
     return PruneResult(path=path, plan=plan)
 
 
@@ -294,4 +312,4 @@ def evaluate(*, load: Checkpoint, data: DataConfig, config: EvalConfig,
     with run_distributed(parallel, launch) as ps:
         return evaluate_checkpoint(info, ps, data, num_samples=config.num_samples,
                                    micro_batch_size=config.micro_batch_size,
-                                   params_dtype=params_dtype)
+                                   params_dtype=params_dtype, window_starts=config.window_starts)

@@ -4,11 +4,13 @@ Stages (each the real CLI, launched as a user would: ``python -m minitron_megatr
 single-process stages, ``torchrun`` for parallel ones; timed):
 
 1. import the SmolLM2-135M GGUF; 2. tokenize the Wikipedia corpus (fixed 98/2 document split);
-3. teacher's held-out loss at TP=3; 4. importance on 3 ranks (TP=3: SmolLM2's 3 query groups);
-5. prune to about half the parameters (TP=3); 6. pruned zero-shot loss; 7. distillation on 2
-data-parallel ranks (teacher and student forward together, logit forward KL); 8. distilled
-loss. Then a table (losses, parameters, wall time per stage), ``report.md`` and
-``val_loss.png`` in the output directory.
+3. teacher's held-out loss at TP=3; 4. importance on 3 ranks (TP=3: SmolLM2's 3 query groups),
+gathering the reconstruction statistics in the same pass; 5. prune to about half the parameters
+(TP=3; position-0 fold, least-squares refit of ``linear_proj`` / ``linear_fc2``); 6. pruned
+zero-shot loss; 7. distillation on 2 data-parallel ranks (teacher and student forward together,
+logit forward KL); 8. distilled loss. Every loss also by window start (``evaluate
+--window-starts``). Then tables (losses, loss by window start, parameters, wall time per stage),
+``report.md`` and ``val_loss.png`` in the output directory.
 """
 
 from __future__ import annotations
@@ -61,6 +63,14 @@ class DemoConfig:
 
     global_batch_size: int = 4
     """Samples per distillation step (micro-batches of 2 on each data-parallel rank)."""
+
+    window_starts: bool = True
+    """Also measure every loss by window start (four more forward passes per evaluation)."""
+
+    reconstruct: bool = True
+    """Refit the readers of pruned units (``linear_proj``, ``linear_fc2``, ``linear_qkv``,
+    ``linear_fc1``) by least squares after pruning (``importance --save-stats`` + ``prune
+    --reconstruct``, the CLI's default); ``False`` slices them as the paper does."""
 
     python: str = field(default_factory=lambda: sys.executable)
     """Interpreter that runs the stages."""
@@ -134,6 +144,7 @@ class Demo:
             "evaluate", "--load", str(ckpt), "--data-path", str(self.data),
             "--seq-length", str(cfg.seq_length), "--eval-samples", str(cfg.eval_samples),
             "--micro-batch-size", "2", "--tensor-model-parallel-size", str(cfg.nproc),
+            *(["--window-starts"] if cfg.window_starts else []),
         ], nproc=cfg.nproc, layout=f"TP={cfg.nproc}")
 
     def run(self) -> list[StageResult]:
@@ -151,12 +162,14 @@ class Demo:
             "importance", "--load", str(teacher), "--data-path", str(self.data),
             "--seq-length", str(cfg.seq_length), "--calib-samples", str(cfg.calib_samples),
             "--micro-batch-size", "2", "--save-scores", str(d / "scores.safetensors"), *tp,
+            *(["--save-stats", str(d / "stats")] if cfg.reconstruct else ["--no-save-stats"]),
         ], nproc=cfg.nproc, layout=f"TP={cfg.nproc}")
         targets = [f"--target-{k.replace('_', '-')}" for k in PRUNE_TARGET]
         self._run("prune", [
             "prune", "--load", str(teacher), "--scores", str(d / "scores.safetensors"),
             "--save", str(student), "--overwrite",  # the demo owns its output directory
             *(x for flag, v in zip(targets, PRUNE_TARGET.values()) for x in (flag, str(v))), *tp,
+            *(["--reconstruct", str(d / "stats")] if cfg.reconstruct else ["--no-reconstruct"]),
         ], nproc=cfg.nproc, layout=f"TP={cfg.nproc}")
         self._evaluate("pruned zero-shot loss", student)
         self._run("distill", [
@@ -197,6 +210,25 @@ class Demo:
         rows.append(f"| **total** | | {s['total_seconds']:.1f} | |")
         return "\n".join(rows)
 
+    def window_start_table(self) -> str:
+        """Loss by window start of every evaluated model (empty without ``--window-starts``)."""
+        rows = [(name, r.output["window_starts"]) for name, r in (
+            ("teacher", self._result("teacher loss")),
+            ("pruned (zero-shot)", self._result("pruned zero-shot loss")),
+            ("pruned + distilled", self._result("distilled loss")))
+            if r is not None and "window_starts" in r.output]
+        if not rows:
+            return ""
+        keys = ("as_sampled", "comma_first", "period_first", "eos_first", "spread", "doc_start")
+        lines = ["| model | as sampled | `,` first | `.` first | EOS first | spread | "
+                 "document start |", "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {name} | " + " | ".join(f"{w[k]:.4f}" for k in keys) + " |"
+                  for name, w in rows]
+        return "\n".join(lines)
+
+    def _result(self, name: str) -> StageResult | None:
+        return next((r for r in self.results if r.name == name), None)
+
     def curve(self) -> list[tuple[int, float]]:
         """Validation loss of the student during distillation (iteration, loss)."""
         path = self.dir / "distilled" / "metrics.jsonl"
@@ -216,6 +248,9 @@ class Demo:
                 f"| pruned + distilled | {s['student_parameters']:,} | "
                 f"{s['distilled_loss']:.4f} |", "",
             ]
+        by_start = self.window_start_table()
+        if by_start:
+            lines += ["## Loss by window start (positions 1..S−1)", "", by_start, ""]
         lines += ["## Stages", "", self.table(), ""]
         lines += ["## Environment (what else decides the last bits: README, Reproducibility)", "",
                   "| | |", "|---|---|"]

@@ -37,7 +37,8 @@ def _rope(x: torch.Tensor, base: float) -> torch.Tensor:
 def forward(cfg: ModelConfig, sd: dict, tokens: torch.Tensor, skip: tuple[int, ...] = ()):
     """Run the model; returns ``(logits [b, s, V], acts)`` where ``acts[l]`` holds the layer's
     ``norm1, norm2`` [b, s, h], ``heads`` [b, s, H, d] (attention output per head), ``fc1``
-    [b, s, (2)F] (pre-activation), ``act`` [b, s, F] (input of fc2), ``x_in, x_out``."""
+    [b, s, (2)F] (pre-activation), ``act`` [b, s, F] (input of fc2), ``x_in, x_mid, x_out``
+    (the layer's input, the residual after attention, the layer's output)."""
     sd = {k: v.double() for k, v in sd.items() if torch.is_tensor(v)}
     b, s = tokens.shape
     H, G, d = cfg.num_attention_heads, cfg.num_query_groups, cfg.kv_channels
@@ -61,6 +62,7 @@ def forward(cfg: ModelConfig, sd: dict, tokens: torch.Tensor, skip: tuple[int, .
         att = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d) + causal
         heads = torch.einsum("bhqk,bkhd->bqhd", att.softmax(-1), v)  # [b, s, H, d]
         x = x + _linear(sd, p + "self_attention.linear_proj", heads.reshape(b, s, H * d))
+        x_mid = x
         norm2 = _norm(cfg, sd, p + "pre_mlp_layernorm", x)
         fc1 = _linear(sd, p + "mlp.linear_fc1", norm2)
         if cfg.gated_linear_unit:
@@ -72,7 +74,7 @@ def forward(cfg: ModelConfig, sd: dict, tokens: torch.Tensor, skip: tuple[int, .
         if layer in skip:
             x = x_in
         acts.append(dict(norm1=norm1, norm2=norm2, heads=heads, fc1=fc1, act=act, x_in=x_in,
-                         x_out=x))
+                         x_mid=x_mid, x_out=x))
     x = _norm(cfg, sd, "decoder.final_layernorm", x)
     out = sd["embedding.word_embeddings.weight" if cfg.tie_embeddings else "output_layer.weight"]
     return x @ out.T, acts
@@ -87,7 +89,7 @@ def loss(cfg: ModelConfig, sd: dict, tokens: torch.Tensor, labels: torch.Tensor,
 def seq_agg(a: torch.Tensor, how: str) -> torch.Tensor:
     """a [b, s, k] → [b, k]."""
     return {"mean": lambda: a.abs().mean(1), "l2": lambda: a.pow(2).sum(1).sqrt(),
-            "var": lambda: a.var(1, unbiased=False)}[how]()
+            "var": lambda: a.var(1, unbiased=False), "max": lambda: a.abs().amax(1)}[how]()
 
 
 def batch_agg(m: torch.Tensor, how: str) -> torch.Tensor:

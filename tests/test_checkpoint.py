@@ -45,8 +45,10 @@ def reshard_and_evaluate(env, src, dst, data_path, tokens):
             model = build_model(info.model_config, ps, init_weights=False)
             load_checkpoint(info, model=model)
             logits = full_logits(model, ps, tokens)
-            loss = evaluate_checkpoint(info, ps, data, num_samples=8, micro_batch_size=2).loss
-            results.append((logits if ps.tp_rank == 0 else None, loss))
+            result = evaluate_checkpoint(info, ps, data, num_samples=8, micro_batch_size=2,
+                                         window_starts=True)
+            results.append((logits if ps.tp_rank == 0 else None, result.loss,
+                            result.window_starts))
     finally:
         shutdown()
     return results
@@ -62,8 +64,11 @@ def test_saved_at_tp2_pp2_loads_everywhere(llama_ckpt_untied, tiny_dataset, tmp_
     info = find_checkpoint(tmp_path / "resharded")
     assert info.iteration == 7 and info.tokenizer_dir is not None
     for i, layout in enumerate(LAYOUTS):
-        for logits, loss in (r[i] for r in per_rank):
+        for logits, loss, by_start in (r[i] for r in per_rank):
             assert abs(loss - reference[1]) <= 1e-5, (layout, loss, reference[1])
+            assert sorted(by_start) == sorted(reference[2])
+            for key, value in reference[2].items():  # loss by window start, every layout
+                assert abs(by_start[key] - value) <= 1e-5, (layout, key)
             if logits is not None:
                 assert (logits - reference[0]).abs().max() <= 1e-5, layout
 
@@ -75,8 +80,9 @@ def reshard_reference(ckpt, data_path, tokens):
         model = build_model(info.model_config, ps, init_weights=False)
         load_checkpoint(info, model=model)
         data = DataConfig(data_path=data_path, seq_length=32)
-        loss = evaluate_checkpoint(info, ps, data, num_samples=8, micro_batch_size=2).loss
-        return full_logits(model, ps, tokens), loss
+        result = evaluate_checkpoint(info, ps, data, num_samples=8, micro_batch_size=2,
+                                     window_starts=True)
+        return full_logits(model, ps, tokens), result.loss, result.window_starts
     finally:
         shutdown()
 

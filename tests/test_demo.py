@@ -49,3 +49,9 @@ def test_quick_demo_runs_every_stage(tmp_path):
     import torch  # the report names the kernels its last bits depend on
 
     assert f"| torch cpu kernels | {torch.backends.cpu.get_cpu_capability()} |" in report
+    starts = re.findall(r"\| (teacher|pruned \(zero-shot\)|pruned \+ distilled) \| "
+                        r"((?:[\d.]+ \| ){5}[\d.]+) \|", report)
+    assert [name for name, _ in starts] == ["teacher", "pruned (zero-shot)",
+                                           "pruned + distilled"]
+    assert (out / "stats" / "stats.json").is_file()  # the pruned student was refit
+    assert "reconstruct.json" in {p.name for p in (out / "pruned").rglob("*.json")}

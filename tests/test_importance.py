@@ -68,7 +68,8 @@ def test_scores_equal_plain_torch_reference(which, request):
     try:
         cfg, sd = info.model_config, model.state_dict()
         _, acts = ref.forward(cfg, sd, tokens)
-        for batch, seq, hook in itertools.product(("l2", "mean", "var"), ("mean", "l2", "var"),
+        for batch, seq, hook in itertools.product(("l2", "mean", "var"),
+                                                  ("mean", "l2", "var", "max"),
                                                   ("fc2-input", "fc1-output")):
             settings = ImportanceConfig(batch_agg=batch, seq_agg=seq, ffn_hook=hook,
                                         depth_metrics=())
@@ -102,6 +103,7 @@ LAYOUTS = [(1, 1, False), (2, 1, False), (2, 1, True), (1, 2, False), (2, 2, Fal
 VAR_SETTINGS = ImportanceConfig(batch_agg="var", seq_agg="var", ffn_hook="fc1-output",
                                 depth_metrics=())
 VAR_LAYOUTS = [(1, 1, False), (2, 2, True)]
+PEAK_SETTINGS = ImportanceConfig(seq_agg="max", depth_metrics=())  # reduced with MAX under SP
 
 
 def scores_at_layouts(env, ckpts: list[str], data: list[dict]):
@@ -112,6 +114,7 @@ def scores_at_layouts(env, ckpts: list[str], data: list[dict]):
         for ckpt in ckpts:
             runs = [(layout, ImportanceConfig(depth_metrics=DEPTH)) for layout in LAYOUTS]
             runs += [(layout, VAR_SETTINGS) for layout in VAR_LAYOUTS]
+            runs += [(layout, PEAK_SETTINGS) for layout in VAR_LAYOUTS]
             for (tp, pp, sp), settings in runs:
                 ps, info, model = load_at(env, ckpt, tp, pp, sp)
                 scores = estimate_importance(model, ps, data, model_config=info.model_config,
@@ -138,12 +141,15 @@ def test_scores_equal_at_every_layout(llama_ckpt_untied, gpt_ckpt):
     data = calibration_samples()
     ckpts = [str(llama_ckpt_untied), str(gpt_ckpt)]
     per_rank = run_distributed(scores_at_layouts, 4, ckpts, data)
-    runs = len(LAYOUTS) + len(VAR_LAYOUTS)
+    runs = len(LAYOUTS) + 2 * len(VAR_LAYOUTS)
     for c, ckpt in enumerate(ckpts):
         default = _single_rank(ckpt, data, ImportanceConfig(depth_metrics=DEPTH))
         var = _single_rank(ckpt, data, VAR_SETTINGS)
-        expected = [as_tensors(default)] * len(LAYOUTS) + [as_tensors(var)] * len(VAR_LAYOUTS)
-        names = [f"{layout}" for layout in LAYOUTS] + [f"var {layout}" for layout in VAR_LAYOUTS]
+        peak = _single_rank(ckpt, data, PEAK_SETTINGS)
+        expected = [as_tensors(default)] * len(LAYOUTS) + [as_tensors(var)] * len(
+            VAR_LAYOUTS) + [as_tensors(peak)] * len(VAR_LAYOUTS)
+        names = [f"{layout}" for layout in LAYOUTS] + [
+            f"var {layout}" for layout in VAR_LAYOUTS] + [f"max {layout}" for layout in VAR_LAYOUTS]
         for i, (want, name) in enumerate(zip(expected, names, strict=True)):
             for rank, result in enumerate(per_rank):
                 got = result[c * runs + i]

@@ -64,9 +64,11 @@ def test_masking_equivalence(which, request):
         assert torch.equal(full_logits(kept_all, ps, tokens), original)
 
         groups_target = 1 if cfg.heads_per_group > 1 else cfg.num_query_groups // 2
+        plain = dict(position0_fold=False)  # the paper's slicing: pruned = masked
         cases = {"ffn": PruneTargets(ffn_hidden_size=cfg.ffn_hidden_size // 2),
-                 "heads": PruneTargets(num_attention_heads=cfg.num_attention_heads // 2),
-                 "query_groups": PruneTargets(num_query_groups=groups_target),
+                 "heads": PruneTargets(num_attention_heads=cfg.num_attention_heads // 2,
+                                       **plain),
+                 "query_groups": PruneTargets(num_query_groups=groups_target, **plain),
                  "layers": PruneTargets(num_layers=cfg.num_layers // 2)}
         for axis, targets in cases.items():
             plan = make_plan(scores, targets)
@@ -76,6 +78,28 @@ def test_masking_equivalence(which, request):
             assert (got - original).abs().max() > 1e-3, axis  # something was really removed
             assert torch.allclose(got, want, atol=2e-5, rtol=1e-5), (
                 axis, (got - want).abs().max().item())
+    finally:
+        shutdown()
+
+
+def test_position0_fold_keeps_the_first_position_exactly(llama_ckpt_untied):
+    """With heads pruned inside their groups, the fold leaves the logits at position 0 (for any
+    first token) equal to the unpruned model's; plain slicing does not. Elsewhere both change."""
+    ps, info, model = load_at(LaunchEnv(), llama_ckpt_untied)
+    try:
+        cfg, tokens = info.model_config, factories.sample_tokens(batch=4)
+        tokens[:, 0] = torch.tensor([0, 1, 7, 300])  # several first tokens
+        scores = _scores(model, ps, info)
+        original = full_logits(model, ps, tokens)
+        heads = cfg.num_attention_heads // 2
+        for fold in (True, False):
+            plan = make_plan(scores, PruneTargets(num_attention_heads=heads, position0_fold=fold))
+            assert plan.position0_fold is fold
+            pruned, _ = apply_plan(model, plan, ps)
+            got = full_logits(pruned, ps, tokens)
+            first = (got[:, 0] - original[:, 0]).abs().max().item()
+            assert (first < 2e-5) is fold, (fold, first)
+            assert (got[:, 1:] - original[:, 1:]).abs().max() > 1e-3  # heads really removed
     finally:
         shutdown()
 
@@ -118,9 +142,15 @@ def reference_slice(cfg, sd: dict, plan) -> dict:
                                            blocks[g, n:]]) for g in lp.query_groups])
             rows = rows.reshape(-1, *qkv.shape[1:])
             put("self_attention.linear_qkv." + part, rows[:, hid] if part == "weight" else rows)
+        proj = get("self_attention.linear_proj.weight").reshape(-1, G, n, d)  # [h, G, n, d]
+        if plan.position0_fold:  # each kept head += (1/k) Σ the pruned heads of its group
+            proj = proj.clone()
+            for g in lp.query_groups:
+                keep = [j % n for j in lp.heads if j // n == g]
+                drop = [j for j in range(n) if j not in keep]
+                proj[:, g, keep] += proj[:, g, drop].sum(1, keepdim=True) / len(keep)
         cols = [j * d + c for j in lp.heads for c in range(d)]
-        put("self_attention.linear_proj.weight", get("self_attention.linear_proj.weight")[hid][
-            :, cols])
+        put("self_attention.linear_proj.weight", proj.reshape(proj.shape[0], -1)[hid][:, cols])
         fc1_rows = list(lp.ffn) + ([F + i for i in lp.ffn] if cfg.gated_linear_unit else [])
         put("mlp.linear_fc1.weight", get("mlp.linear_fc1.weight")[fc1_rows][:, hid])
         put("mlp.linear_fc2.weight", get("mlp.linear_fc2.weight")[hid][:, list(lp.ffn)])

@@ -129,6 +129,7 @@ class ConfigOptions:
             if default:  # on by default: the option turns it off
                 flag = self.flags.get(f.name, f"--no-{self.prefix}{f.name.replace('_', '-')}")
                 kwargs.update(action="store_false", default=True)
+                doc = f"Turn off (on by default): {doc}"
             else:
                 kwargs.update(action="store_true", default=False)
         else:

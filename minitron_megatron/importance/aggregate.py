@@ -6,12 +6,13 @@ output norm, a hidden channel's norm output) at position ``s`` of sample ``b`` (
 
 * sequence (per sample ``b``, ``S`` tokens) → ``m[b, i]``:
   ``mean``: Σ_s |a| / S;  ``l2``: sqrt(Σ_s a²);  ``var``: Σ_s (a − ā)² / S  (ā = Σ_s a / S);
+  ``max``: max_s |a| (the peak);
 * batch (over all ``N`` calibration samples, every rank's share) → ``score[i]``:
   ``l2``: sqrt(Σ_b m²);  ``mean``: Σ_b |m| / N;  ``var``: Σ_b (m − m̄)² / N.
 
-Under sequence parallelism a rank holds ``S / tp`` tokens of each sample; the sums over ``s`` are
-then all-reduced over the tensor-parallel group before the per-sample value is formed, so ``m``
-is the same as with the whole sequence on one rank.
+Under sequence parallelism a rank holds ``S / tp`` tokens of each sample; the sums (or maxima)
+over ``s`` are then all-reduced over the tensor-parallel group before the per-sample value is
+formed, so ``m`` is the same as with the whole sequence on one rank.
 
 The batch side keeps the running moments ``(n, m̄, M2 = Σ (m − m̄)²)`` of ``m`` (Chan et al.'s
 pairwise update), from which all three batch aggregations follow without cancellation:
@@ -25,9 +26,10 @@ import torch
 import torch.distributed as dist
 
 
-def _all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+def _all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None,
+                op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
     if group is not None:
-        dist.all_reduce(tensor, group=group)
+        dist.all_reduce(tensor, op=op, group=group)
     return tensor
 
 
@@ -63,6 +65,9 @@ def sequence_aggregate(a: torch.Tensor, how: str, sp_group: dist.ProcessGroup | 
     if how == "l2":
         squares = _elementwise(torch.square, a, work).sum(0)  # [b, k] = Σ_s a²
         return _all_reduce(squares, sp_group).sqrt()
+    if how == "max":
+        peak = _elementwise(torch.abs, a, work).amax(0)  # [b, k] = max_s |a|
+        return _all_reduce(peak, sp_group, dist.ReduceOp.MAX)
     if how == "var":
         mean = _all_reduce(a.sum(0, dtype=torch.float32), sp_group) / seq  # [b, k] = ā
         spread = _elementwise(torch.sub, a, work, mean).square_().sum(0)  # Σ_s (a − ā)²

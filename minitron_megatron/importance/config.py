@@ -10,9 +10,11 @@ from typing import Any, Literal, get_args
 from minitron_megatron.errors import UserError
 
 Aggregation = Literal["l2", "mean", "var"]
+SeqAggregation = Literal["l2", "mean", "var", "max"]
 FfnHook = Literal["fc2-input", "fc1-output"]
 
 AGGREGATIONS = get_args(Aggregation)
+SEQ_AGGREGATIONS = get_args(SeqAggregation)
 FFN_HOOKS = get_args(FfnHook)
 _BLOCK = re.compile(r"^block:(\d+)$")
 
@@ -55,9 +57,9 @@ class ImportanceConfig:
     """Aggregation over the calibration samples of the per-sample values: ``l2`` = sqrt(Σ m²),
     ``mean`` = Σ|m| / N, ``var`` = Σ (m − mean)² / N."""
 
-    seq_agg: Aggregation = "mean"
+    seq_agg: SeqAggregation = "mean"
     """Aggregation over the tokens of one sample: ``mean`` = Σ|a| / S, ``l2`` = sqrt(Σ a²),
-    ``var`` = Σ (a − mean)² / S."""
+    ``var`` = Σ (a − mean)² / S, ``max`` = max |a| (the peak, e.g. at the first position)."""
 
     ffn_hook: FfnHook = "fc2-input"
     """Per-neuron activation: the input of ``linear_fc2`` (after activation and gate) or the
@@ -68,9 +70,17 @@ class ImportanceConfig:
     when one layer is skipped: one more pass per layer), ``block:K`` (increase when K
     contiguous layers are skipped: one pass per block start)."""
 
+    calib_doc_starts: float = 0.0
+    """Fraction of the calibration samples that are windows starting at a document's first
+    token (``data.windows``), interleaved evenly with the dataset's own windows (which mostly
+    start mid-document). 0: the dataset's windows only, as the paper."""
+
     def __post_init__(self) -> None:
+        if not 0.0 <= self.calib_doc_starts <= 1.0:
+            raise UserError(f"--calib-doc-starts {self.calib_doc_starts} must be a fraction in "
+                            f"[0, 1].")
         for name, value, allowed in (("batch_agg", self.batch_agg, AGGREGATIONS),
-                                     ("seq_agg", self.seq_agg, AGGREGATIONS),
+                                     ("seq_agg", self.seq_agg, SEQ_AGGREGATIONS),
                                      ("ffn_hook", self.ffn_hook, FFN_HOOKS)):
             if value not in allowed:
                 raise UserError(f"{name}={value!r} is not one of {', '.join(allowed)}.")

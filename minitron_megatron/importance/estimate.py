@@ -13,9 +13,11 @@ Cross-rank reduction, so that every rank returns the same global ``Scores``:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -30,6 +32,7 @@ from minitron_megatron.importance.config import (
 from minitron_megatron.importance.depth import masked_loss_sum, reduce_loss, skip_loss_increase
 from minitron_megatron.importance.hooks import ActivationRecorder
 from minitron_megatron.importance.scores import Scores
+from minitron_megatron.importance.stats import GramRecorder
 from minitron_megatron.model.forward import pipeline_forward
 from minitron_megatron.runtime.distributed import ParallelState
 
@@ -59,6 +62,17 @@ def _collect_stages(local: dict[int, dict[str, torch.Tensor]], cfg: ModelConfig,
     return full
 
 
+def _with_document_starts(dataset, seq_length: int, fraction: float):
+    """The dataset's windows interleaved with windows starting at its documents' first tokens."""
+    from minitron_megatron.data.windows import DocumentStartWindows, MixedWindows
+    from minitron_megatron.errors import UserError
+
+    if not hasattr(dataset, "indices"):
+        raise UserError("calib_doc_starts needs a Megatron GPTDataset (its documents are where "
+                        "the document-start windows begin).")
+    return MixedWindows(dataset, DocumentStartWindows(dataset, seq_length), fraction)
+
+
 def estimate_importance(
     model: torch.nn.Module,
     ps: ParallelState,
@@ -69,11 +83,14 @@ def estimate_importance(
     micro_batch_size: int,
     seq_length: int,
     config: ImportanceConfig | None = None,
+    stats_dir: str | Path | None = None,
 ) -> Scores:
     """Importance of every neuron, head, query group, embedding channel and layer of ``model``
     (this rank's stage of a Megatron-Core ``GPTModel``), from calibration samples
     ``0..num_samples−1`` of ``dataset`` (split over DP ranks). Collective over all ranks; every
-    rank returns the same ``Scores``.
+    rank returns the same ``Scores``. With ``stats_dir``, the same pass also gathers the input
+    Gram matrices of ``linear_proj`` and ``linear_fc2`` for ``prune --reconstruct`` and writes
+    them there (``importance.stats``).
 
     Example::
 
@@ -94,13 +111,16 @@ def estimate_importance(
     if num_samples < ps.dp_size:
         raise UserError(f"{num_samples} calibration samples cannot be split over "
                         f"{ps.dp_size} data-parallel ranks; use at least {ps.dp_size}.")
+    if config.calib_doc_starts > 0:
+        dataset = _with_document_starts(dataset, seq_length, config.calib_doc_starts)
     ids = shard_for_data_parallel(num_samples, ps.dp_rank, ps.dp_size)
     batches = list(micro_batches(dataset, ids, micro_batch_size))
     run = dict(seq_length=seq_length, micro_batch_size=micro_batch_size)
 
-    recorder = ActivationRecorder(model, ps, config, model_config,
-                                  [batch["sample_mask"] for batch in batches])
-    with recorder:
+    masks = [batch["sample_mask"] for batch in batches]
+    recorder = ActivationRecorder(model, ps, config, model_config, masks)
+    grams = GramRecorder(model, ps, masks) if stats_dir is not None else None
+    with recorder, grams or contextlib.nullcontext():
         sums = pipeline_forward(model, ps, batches, on_output=masked_loss_sum,
                                 with_labels=True, **run)
     base_loss = reduce_loss(sums, ps)
@@ -110,6 +130,8 @@ def estimate_importance(
             f"score would mean anything. Its weights are probably corrupt or diverged (or a "
             f"half-precision --params-dtype overflows); re-create the checkpoint or use fp32.")
     full = _collect_stages(recorder.finalize(), model_config, ps)
+    if grams is not None:
+        grams.save(stats_dir, model_config)
 
     depth: dict[str, torch.Tensor] = {}
     L = model_config.num_layers
@@ -137,9 +159,11 @@ def importance_checkpoint(
     micro_batch_size: int,
     config: ImportanceConfig | None = None,
     params_dtype: torch.dtype = torch.float32,
+    stats_dir: str | Path | None = None,
 ) -> Scores:
     """Build and load checkpoint ``info`` on this layout and score it on ``num_samples``
-    calibration samples of the train split of ``data`` (a ``DataConfig``)."""
+    calibration samples of the train split of ``data`` (a ``DataConfig``); with ``stats_dir``
+    also write the reconstruction statistics there."""
     from minitron_megatron.checkpoint import load_checkpoint
     from minitron_megatron.data.loaders import build_datasets
     from minitron_megatron.evaluate import eod_id_of
@@ -157,4 +181,4 @@ def importance_checkpoint(
     load_checkpoint(info, model=model)
     return estimate_importance(model, ps, datasets["train"], model_config=cfg,
                                num_samples=num_samples, micro_batch_size=micro_batch_size,
-                               seq_length=data.seq_length, config=config)
+                               seq_length=data.seq_length, config=config, stats_dir=stats_dir)

@@ -29,11 +29,13 @@ from minitron_megatron.pruning.layout import (
     to_local,
 )
 from minitron_megatron.pruning.plan import LayerPlan, PrunePlan
+from minitron_megatron.pruning.reconstruct import ReconstructConfig, Reconstructor
 from minitron_megatron.pruning.slicing import (
     LAYER_RULES,
     MODEL_RULES,
     Rule,
     apply_rule,
+    fold_into_groups,
     fold_pruned_heads,
     is_gated_fc1,
     layer_index,
@@ -44,12 +46,15 @@ from minitron_megatron.pruning.targets import check_layout
 from minitron_megatron.runtime.distributed import ParallelState
 
 PLAN_FILE = "prune_plan.json"
+RECONSTRUCT_FILE = "reconstruct.json"
 QKV_PARAMS = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias")
+PROJ_WEIGHT = "self_attention.linear_proj.weight"
 
 
 def _slice(param: torch.Tensor, rule: Rule, index: dict[str, torch.Tensor], sizes: dict[str, int],
-           ps: ParallelState, *, gated: bool = False, fold=None) -> torch.Tensor:
-    """This rank's shard of the pruned parameter (``sizes``: global length of each index)."""
+           ps: ParallelState, *, gated: bool = False, fold=None, refit=None) -> torch.Tensor:
+    """This rank's shard of the pruned parameter (``sizes``: global length of each index;
+    ``refit``: global weight → pruned global weight, instead of the rule's slicing)."""
     tensor = param.detach()
     dim = sharded_dim(tensor.shape, {d: sizes[name] for d, name in rule.items()}, ps)
     global_needed = dim is not None  # the sharded axis itself is pruned (e.g. heads, neurons)
@@ -57,22 +62,29 @@ def _slice(param: torch.Tensor, rule: Rule, index: dict[str, torch.Tensor], size
         tensor = to_global(tensor, dim, gated, ps)
     if fold is not None:
         tensor = fold(tensor)
-    tensor = apply_rule(tensor, rule, index)
+    tensor = refit(tensor) if refit is not None else apply_rule(tensor, rule, index)
     return to_local(tensor, dim, gated, ps) if global_needed else tensor.contiguous()
 
 
 def _prune_layer(layer: torch.nn.Module, layer_plan: LayerPlan, plan: PrunePlan,
-                 ps: ParallelState) -> dict[str, torch.Tensor]:
+                 ps: ParallelState, reconstruct: Reconstructor | None = None
+                 ) -> dict[str, torch.Tensor]:
     index = layer_index(plan.source, layer_plan, plan.hidden, ps.device)
     sizes = source_sizes(plan.source)
     out = {}
-    for name, param in layer.named_parameters():
+    params = dict(layer.named_parameters())
+    for name, param in params.items():
         fold = None
         if layer_plan.head_residual and name in QKV_PARAMS:
             fold = functools.partial(fold_pruned_heads, src=plan.source,
                                      pairs=layer_plan.head_residual)
+        refit = None if reconstruct is None else reconstruct.solver(
+            name, plan, layer_plan, index, fold=plan.position0_fold, params=params)
+        if plan.position0_fold and name == PROJ_WEIGHT and refit is None:
+            fold = functools.partial(fold_into_groups, src=plan.source, layer=layer_plan)
+        # (a refit linear_proj keeps the fold's column sums as its constraint)
         out[name] = _slice(param, rule_for(name, LAYER_RULES), index, sizes, ps,
-                           gated=is_gated_fc1(name, plan.source), fold=fold)
+                           gated=is_gated_fc1(name, plan.source), fold=fold, refit=refit)
     return out
 
 
@@ -110,9 +122,12 @@ def _check_source(model: torch.nn.Module, plan: PrunePlan, ps: ParallelState) ->
 
 
 def apply_plan(model: torch.nn.Module, plan: PrunePlan, ps: ParallelState, *,
-               release_source: bool = False) -> tuple[torch.nn.Module, ModelConfig]:
+               release_source: bool = False, reconstruct: Reconstructor | None = None
+               ) -> tuple[torch.nn.Module, ModelConfig]:
     """Build this rank's stage of the pruned ``GPTModel`` (same TP × PP as ``model``) and fill it
     from ``model`` (which is left intact unless ``release_source``). Collective over all ranks.
+    With ``reconstruct``, ``linear_proj`` / ``linear_fc2`` are refit by least squares
+    (``pruning.reconstruct``) instead of sliced.
 
     Example::
 
@@ -123,6 +138,8 @@ def apply_plan(model: torch.nn.Module, plan: PrunePlan, ps: ParallelState, *,
     from minitron_megatron.model.build import build_model
 
     _check_source(model, plan, ps)
+    if reconstruct is not None:
+        reconstruct.check(plan.source)
     dtype = next(model.parameters()).dtype
     pruned = build_model(plan.target, ps, params_dtype=dtype, init_weights=False,
                          spec=getattr(model, "layer_spec", "auto"))
@@ -142,7 +159,8 @@ def apply_plan(model: torch.nn.Module, plan: PrunePlan, ps: ParallelState, *,
     for t, layer_plan in enumerate(plan.layers):
         owner, dest = source_stage[layer_plan.source], target_stage[t]
         if ps.pp_rank == owner:
-            shards = _prune_layer(source_layers[layer_plan.source], layer_plan, plan, ps)
+            shards = _prune_layer(source_layers[layer_plan.source], layer_plan, plan, ps,
+                                  reconstruct)
             if release_source:
                 _release(source_layers[layer_plan.source])
             if dest == owner:
@@ -160,9 +178,12 @@ def apply_plan(model: torch.nn.Module, plan: PrunePlan, ps: ParallelState, *,
 
 
 def prune_checkpoint(info, plan: PrunePlan, save: str | Path, ps: ParallelState, *,
-                     params_dtype: torch.dtype = torch.float32) -> Path:
-    """Load checkpoint ``info`` at this layout, prune it by ``plan`` and save it at its new shape
-    (with its new ``ModelConfig`` and the plan inside). Returns the iteration directory.
+                     params_dtype: torch.dtype = torch.float32,
+                     reconstruct: ReconstructConfig | None = None) -> Path:
+    """Load checkpoint ``info`` at this layout, prune it by ``plan`` (refitting the readers of
+    pruned units by least squares with ``reconstruct``) and save it at its new shape (with its
+    new ``ModelConfig``, the plan and the reconstruction settings inside). Returns the iteration
+    directory.
 
     The inputs are checked once, before any work, by ``pruning.preflight.check_prune`` (which
     made ``plan``; ``minitron_megatron.prune`` and the CLI call it: it refuses a non-empty
@@ -173,9 +194,13 @@ def prune_checkpoint(info, plan: PrunePlan, save: str | Path, ps: ParallelState,
 
     model = build_model(info.model_config, ps, params_dtype=params_dtype, init_weights=False)
     load_checkpoint(info, model=model)
-    pruned, cfg = apply_plan(model, plan, ps, release_source=True)
+    refit = Reconstructor(reconstruct) if reconstruct is not None else None
+    pruned, cfg = apply_plan(model, plan, ps, release_source=True, reconstruct=refit)
     del model
+    files = {PLAN_FILE: plan.to_json()}
+    if reconstruct is not None:
+        files[RECONSTRUCT_FILE] = reconstruct.to_json()
     with replacing_directory(save) as staging:
         save_checkpoint(staging, model=pruned, model_config=cfg, iteration=0,
-                        tokenizer_dir=info.tokenizer_dir, files={PLAN_FILE: plan.to_json()})
+                        tokenizer_dir=info.tokenizer_dir, files=files)
     return iteration_dir(save, 0)

@@ -57,9 +57,14 @@ class PrunePlan:
     layers: tuple[LayerPlan, ...]
     """One entry per target layer, in order (target layer ``t`` is ``layers[t].source``)."""
 
+    position0_fold: bool = False
+    """Pruned query heads' ``linear_proj`` columns are folded into their group's kept heads
+    (``PruneTargets.position0_fold``; plans written before it existed did not fold)."""
+
     def to_dict(self) -> dict:
         return {"source": self.source.to_dict(), "target": self.target.to_dict(),
-                "hidden": list(self.hidden), "layers": [asdict(layer) for layer in self.layers]}
+                "hidden": list(self.hidden), "layers": [asdict(layer) for layer in self.layers],
+                "position0_fold": self.position0_fold}
 
     @classmethod
     def from_dict(cls, data: dict) -> PrunePlan:
@@ -69,7 +74,7 @@ class PrunePlan:
                        for d in data["layers"])
         return cls(source=ModelConfig.from_dict(data["source"]),
                    target=ModelConfig.from_dict(data["target"]), hidden=tuple(data["hidden"]),
-                   layers=layers)
+                   layers=layers, position0_fold=bool(data.get("position0_fold", False)))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -147,4 +152,4 @@ def make_plan(scores: Scores, targets: PruneTargets) -> PrunePlan:
                                 ffn=top_k(scores.ffn[layer], target.ffn_hidden_size),
                                 query_groups=groups, heads=heads, head_residual=pairs))
     return PrunePlan(source=src, target=target, hidden=top_k(scores.hidden, target.hidden_size),
-                     layers=tuple(layers))
+                     layers=tuple(layers), position0_fold=targets.position0_fold)

@@ -14,8 +14,10 @@ from minitron_megatron.checkpoint import CheckpointInfo
 from minitron_megatron.config import ModelConfig, ParallelConfig
 from minitron_megatron.errors import UserError
 from minitron_megatron.importance.scores import Scores
+from minitron_megatron.importance.stats import default_stats_dir, has_stats
 from minitron_megatron.output_paths import check_output_dir, check_replaceable
 from minitron_megatron.pruning.plan import PrunePlan, make_plan
+from minitron_megatron.pruning.reconstruct import ReconstructConfig, Reconstructor
 from minitron_megatron.pruning.targets import PruneTargets, check_layout
 
 
@@ -28,11 +30,19 @@ def check_same_model(scored: ModelConfig, info: CheckpointInfo) -> None:
                         f"{diff}); run `minitron importance --load {info.root}` first.")
 
 
+def saved_stats(scores: str | Path) -> str | None:
+    """The Gram statistics ``importance`` saved next to a scores file (``SCORES.stats``), if
+    any: what a prune refits from by default."""
+    directory = default_stats_dir(scores)
+    return str(directory) if has_stats(directory) else None
+
+
 def check_prune(*, info: CheckpointInfo, scores: Scores, targets: PruneTargets,
-                save: str | Path, parallel: ParallelConfig,
-                overwrite: bool = False) -> PrunePlan:
+                save: str | Path, parallel: ParallelConfig, overwrite: bool = False,
+                reconstruct: ReconstructConfig | None = None) -> PrunePlan:
     """Check a prune of checkpoint ``info`` by ``scores`` to ``targets`` at ``parallel``'s
-    layout, writing to ``save``; returns the plan ``prune_checkpoint`` applies.
+    layout, writing to ``save`` (refitting from ``reconstruct``'s statistics when given);
+    returns the plan ``prune_checkpoint`` applies.
 
     Example::
 
@@ -46,6 +56,8 @@ def check_prune(*, info: CheckpointInfo, scores: Scores, targets: PruneTargets,
     info.model_config.check_parallel(**layout)
     check_same_model(scores.model_config, info)
     plan = make_plan(scores, targets)
+    if reconstruct is not None:
+        Reconstructor(reconstruct).check(plan.source)
     check_layout(plan.target, **layout)
     save = Path(save)
     check_output_dir(save, "--save")

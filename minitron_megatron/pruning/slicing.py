@@ -18,6 +18,16 @@ Head residual (paper §2.3, "an MHA analog of Layer Collapse"): with the kept he
 weights (and query bias) only, as the paper does for grouped-query attention:
 ``W_q[i] ← 2·W_q[i] − W_q[j]`` for each plan pair ``(i, j)``. It changes the model's function
 by design (the residual of the pruned head is folded in), so masking equivalence does not apply.
+
+Position-0 fold (on by default, ``PruneTargets.position0_fold``): at position 0 a token attends
+only to itself, so every query head ``j`` of group ``g`` outputs the same vector ``v_0,g`` and the
+attention output there is ``Σ_g (Σ_{j ∈ g} W_proj[:, j]) v_0,g``. Giving each of the ``k`` kept
+heads of a group ``1/k`` of the group's pruned heads' columns,
+``W_proj[:, i] ← W_proj[:, i] + (1/k) Σ_{j ∈ g pruned} W_proj[:, j]``, keeps every group's column
+sum and so the attention output at position 0 exactly, for any first token. SmolLM2 builds its
+massive activations (hidden channel 507 at ~2.5·10⁴) and its attention sink from that state; plain
+slicing loses a third of it per group and the pruned model's loss then swings by ~1 nat with the
+identity of the first token (``benchmarks/RESULTS_pruning.md``). Groups pruned whole are dropped.
 """
 
 from __future__ import annotations
@@ -112,6 +122,23 @@ def fold_pruned_heads(qkv: torch.Tensor, src: ModelConfig,
         folded[query_rows(src, kept)] = 2 * qkv[query_rows(src, kept)] - qkv[
             query_rows(src, pruned)]
     return folded
+
+
+def fold_into_groups(proj: torch.Tensor, src: ModelConfig, layer: LayerPlan) -> torch.Tensor:
+    """Position-0 fold on a global ``linear_proj`` weight ``[h, H·d]`` (see the module
+    docstring): each kept head's columns gain ``1/k`` of its group's pruned heads' columns."""
+    n, d = src.heads_per_group, src.kv_channels
+    cols = proj.view(proj.shape[0], src.num_attention_heads, d)  # [h, H, d]
+    folded = cols.clone()
+    kept = set(layer.heads)
+    for g in layer.query_groups:
+        members = range(g * n, (g + 1) * n)
+        keep = [j for j in members if j in kept]
+        drop = [j for j in members if j not in kept]
+        if drop:
+            share = cols[:, drop].sum(1) / len(keep)  # [h, d]
+            folded[:, keep] += share[:, None]
+    return folded.view_as(proj)
 
 
 def apply_rule(tensor: torch.Tensor, rule: Rule, index: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -51,6 +51,13 @@ class PruneTargets:
     head_residual: bool = False
     """Fold pruned query heads into kept ones (paper §2.3, see ``pruning.slicing``)."""
 
+    position0_fold: bool = True
+    """Add each pruned query head's ``linear_proj`` columns to the kept heads of its query group
+    (1/k each, k kept heads): at position 0 every head of a group outputs the same value vector,
+    so the attention output there — which the massive activations and the attention sink are
+    built from — stays exactly the teacher's whatever the first token (see ``pruning.slicing``).
+    ``False``: the paper's plain slicing."""
+
     def __post_init__(self) -> None:
         for name, (_, flag) in _AXES.items():
             value = getattr(self, name)
