@@ -47,7 +47,7 @@ def test_every_option_of_every_subcommand_has_help():
 
 CONFIG_OPTIONS = [common.PARALLEL, common.DATA, common.KD, common.SCHEDULE, distill.TRAIN,
                   search_cli.SEARCH, prune.TARGETS, importance.IMPORTANCE,
-                  importance.CALIBRATION, evaluate.EVAL]
+                  importance.CALIBRATION, evaluate.EVAL, prune.RECONSTRUCT]
 
 
 @pytest.mark.parametrize("options", CONFIG_OPTIONS, ids=lambda o: o.cls.__name__)

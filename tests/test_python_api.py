@@ -33,6 +33,7 @@ def test_readme_python_example_runs(gpt_ckpt, tiny_dataset, tmp_path, monkeypatc
     exec(compile(readme_example(), "README.md", "exec"), namespace)
 
     assert (tmp_path / "scores.safetensors").is_file()
+    assert (tmp_path / "ckpt" / "student" / "iter_0000000" / "reconstruct.json").is_file()
     targets = namespace["targets"]
     student = find_checkpoint(tmp_path / "ckpt" / "student").model_config
     assert (student.ffn_hidden_size, student.num_attention_heads, student.num_layers) == (
