@@ -45,10 +45,21 @@ def quiet_third_party_warnings() -> None:
     warnings.filterwarnings("default", module=r"minitron_megatron(\.|$)")
 
 
+class _NoLibraryDeprecations(logging.Filter):
+    """Drops Megatron-Core's logged deprecation notices (0.19 logs "GPTModel IS DEPRECATED ..."
+    at every model build): about its own API, nothing a user of this package can act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name.startswith("megatron")
+                    and "deprecat" in record.getMessage().lower())
+
+
 def main(argv: list[str] | None = None) -> None:
     quiet_third_party_warnings()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # dataset/checkpoint chatter
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_NoLibraryDeprecations())
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
