@@ -31,6 +31,6 @@ DATA=(--data-path "$WORK/data/corpus" --split "99,1,0")
 "${RUN[@]}" distill --teacher "$WORK/teacher" --student "$WORK/student_pruned" "${DATA[@]}" \
   --save "$WORK/student_distilled" --train-iters 19920 --micro-batch-size 1 \
   --global-batch-size 1152 --seq-length 4096 --lr 1e-4 --min-lr 1e-5 --lr-warmup-iters 40 \
-  --lr-decay-style cosine --clip-grad 1.0 --kd-temperature 1.0 --kd-alpha 0 \
+  --lr-decay-style cosine --clip-grad 1.0 --kd-temperature 1.0 --kd-ce-weight 0 \
   --eval-interval 500 --eval-iters 32 --save-interval 250 --log-interval 10 \
   --tensor-model-parallel-size $TP --sequence-parallel --params-dtype bf16

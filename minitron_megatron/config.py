@@ -19,7 +19,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 
@@ -29,9 +29,13 @@ Normalization = Literal["RMSNorm", "LayerNorm"]
 Activation = Literal["silu", "gelu", "relu", "squared_relu"]
 PositionEmbedding = Literal["rope", "learned_absolute"]
 
-_NORMALIZATIONS = ("RMSNorm", "LayerNorm")
-_ACTIVATIONS = ("silu", "gelu", "relu", "squared_relu")
-_POSITION_EMBEDDINGS = ("rope", "learned_absolute")
+_NORMALIZATIONS = get_args(Normalization)
+_ACTIVATIONS = get_args(Activation)
+_POSITION_EMBEDDINGS = get_args(PositionEmbedding)
+
+
+DEFAULT_SEED = 1234
+"""The one default seed of every run (``ParallelConfig.seed``, the data shuffle, the trainer)."""
 
 
 def _positive(name: str, value: int) -> None:
@@ -298,7 +302,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Shard norms/dropout activations along the sequence over the TP ranks (needs TP > 1)."""
 
-    seed: int = 1234
+    seed: int = DEFAULT_SEED
     """Seed for Python, NumPy and torch (and Megatron's model-parallel RNG tracker)."""
 
     timeout_minutes: int = field(default=30)

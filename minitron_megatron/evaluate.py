@@ -48,6 +48,11 @@ class EvalConfig:
     micro_batch_size: int = 1
     """Samples per forward pass on one rank (``--micro-batch-size``)."""
 
+    window_starts: bool = False
+    """Also report the loss by window start: as sampled, with the first token replaced by a
+    comma, a period and end-of-document, and on windows that start at a document start
+    (positions 1..S-1; five forward passes)."""
+
     def __post_init__(self) -> None:
         positive_int("--eval-samples", self.num_samples, "the number of validation samples")
         positive_int("--micro-batch-size", self.micro_batch_size, "samples per forward pass")

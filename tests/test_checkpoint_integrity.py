@@ -116,7 +116,7 @@ def test_config_that_does_not_fit_the_shards(ckpt, tiny_dataset, capsys):
 
 
 def test_invalid_yaml_config(ckpt, tiny_dataset, capsys, monkeypatch):
-    monkeypatch.setattr("minitron_megatron.cli.evaluate.run_distributed", _no_work)
+    monkeypatch.setattr("minitron_megatron.api.run_distributed", _no_work)
     config = ckpt / ITER / "model_config.yaml"
     config.write_text(config.read_text() + "num_layers: [4\n")
     err = _evaluate(ckpt, tiny_dataset, capsys)

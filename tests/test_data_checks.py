@@ -45,7 +45,7 @@ def _evaluate(ckpt, data, *extra):
 ])
 def test_evaluate_counts_checked_at_config_time(flags, message, llama_ckpt_untied, tiny_dataset,
                                                 capsys, monkeypatch):
-    monkeypatch.setattr("minitron_megatron.cli.evaluate.run_distributed", _no_work)
+    monkeypatch.setattr("minitron_megatron.api.run_distributed", _no_work)
     err = _fail(_evaluate(llama_ckpt_untied, tiny_dataset, *flags), capsys)
     assert message in err and f"got {flags[1]}" in err
 
@@ -57,7 +57,7 @@ def test_evaluate_counts_checked_at_config_time(flags, message, llama_ckpt_untie
 ])
 def test_importance_counts_checked_at_config_time(flags, message, llama_ckpt_untied, tiny_dataset,
                                                   tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("minitron_megatron.cli.importance.run_distributed", _no_work)
+    monkeypatch.setattr("minitron_megatron.api.run_distributed", _no_work)
     err = _fail(["importance", "--load", str(llama_ckpt_untied), "--data-path", tiny_dataset,
                  "--seq-length", "32", "--save-scores", str(tmp_path / "s.safetensors"), *flags],
                 capsys)
@@ -66,8 +66,7 @@ def test_importance_counts_checked_at_config_time(flags, message, llama_ckpt_unt
 
 def test_seq_length_above_the_model_positions(gpt_ckpt, llama_ckpt_untied, tiny_dataset,
                                               tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("minitron_megatron.cli.evaluate.run_distributed", _no_work)
-    monkeypatch.setattr("minitron_megatron.cli.distill.run_distributed", _no_work)
+    monkeypatch.setattr("minitron_megatron.api.run_distributed", _no_work)
     args = _evaluate(gpt_ckpt, tiny_dataset)  # learned positions: 64 of them
     args[args.index("--seq-length") + 1] = "128"
     err = _fail(args, capsys)
@@ -124,7 +123,7 @@ def test_token_scan_split_over_ranks_fails_on_every_rank(foreign_dataset):
 
 def test_truncated_bin_with_intact_idx(llama_ckpt_untied, tiny_dataset, tmp_path, capsys,
                                        monkeypatch):
-    monkeypatch.setattr("minitron_megatron.cli.evaluate.run_distributed", _no_work)
+    monkeypatch.setattr("minitron_megatron.api.run_distributed", _no_work)
     prefix = tmp_path / "cut"
     shutil.copy(f"{tiny_dataset}.idx", f"{prefix}.idx")
     data = open(f"{tiny_dataset}.bin", "rb").read()

@@ -92,7 +92,8 @@ def test_distill_prints_progress_and_logs_metrics(students, llama_ckpt_untied, t
     monkeypatch.setitem(sys.modules, "wandb", fake)
     save = tmp_path / "run"
     main(distill_args(llama_ckpt_untied, students["good"], tiny_dataset, save, "--eval-interval",
-                      "2", "--kd-alpha", "0.5", "--kd-temperature", "2", "--wandb-project", "p"))
+                      "2", "--kd-ce-weight", "0.5", "--kd-temperature", "2",
+                      "--wandb-project", "p"))
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("iteration      2/2"))
     for part in ("| loss ", "| kd loss ", "| lr ", "| grad norm ", " tok/s", "| ETA "):

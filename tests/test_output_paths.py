@@ -32,12 +32,12 @@ def _commands(ckpt, data, out):
         "export-hf": (["export-hf", "--load", str(ckpt), "--save", str(out)],
                       "minitron_megatron.cli.convert.run_distributed"),
         "distill": (["distill", "--teacher", str(ckpt), "--student", str(ckpt), *train],
-                    "minitron_megatron.cli.distill.run_distributed"),
+                    "minitron_megatron.api.run_distributed"),
         "finetune": (["finetune", "--model", str(ckpt), *train],
-                     "minitron_megatron.cli.distill.run_distributed"),
+                     "minitron_megatron.api.run_distributed"),
         "evaluate": (["evaluate", "--load", str(ckpt), "--data-path", data, "--seq-length", "32",
                       "--eval-samples", "2", "--output-json", str(out / "r.json")],
-                     "minitron_megatron.cli.evaluate.run_distributed"),
+                     "minitron_megatron.api.run_distributed"),
     }
 
 

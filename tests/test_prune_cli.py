@@ -120,7 +120,7 @@ def _expect_error(flags, message, ckpt, tmp_path, capsys, monkeypatch):
     def no_work(*args, **kwargs):
         raise AssertionError("distributed work started before the targets were checked")
 
-    monkeypatch.setattr("minitron_megatron.cli.prune.run_distributed", no_work)
+    monkeypatch.setattr("minitron_megatron.api.run_distributed", no_work)
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("previous run")
@@ -147,7 +147,7 @@ def test_save_onto_another_checkpoint_needs_overwrite(scores_files, llama_ckpt_u
     before = sorted(p.name for p in other.iterdir())
     targets = ["--scores", str(scores_files["llama"]), "--target-ffn-hidden-size", "48"]
     argv = ["prune", "--load", str(llama_ckpt_untied), "--save", str(other), *targets]
-    monkeypatch.setattr("minitron_megatron.cli.prune.run_distributed", _no_work)
+    monkeypatch.setattr("minitron_megatron.api.run_distributed", _no_work)
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
     assert exit_info.value.code == 2

@@ -323,7 +323,7 @@ def test_bad_input_fails_with_one_actionable_error_before_any_work(case, assets,
         def no_work(*args, **kwargs):
             raise AssertionError("distributed work started before the inputs were checked")
 
-        monkeypatch.setattr("minitron_megatron.cli.common.run_distributed", no_work)
+        monkeypatch.setattr("minitron_megatron.api.run_distributed", no_work)
     save = single[0] if case == "other-search" else tmp_path / "search"
     before = (single[0] / "search_results.json").read_text()
     capsys.readouterr()

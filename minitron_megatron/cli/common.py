@@ -1,66 +1,80 @@
-"""Flags shared by several subcommands (Megatron-LM names where one exists) and the run edge."""
+"""Options shared by several subcommands, generated from their configs (Megatron-LM names where
+one exists; ``cli/options.py``), and the run edge (``minitron_megatron.api``)."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import logging
-import os
-from collections.abc import Iterator
 
 import torch
 
+from minitron_megatron.api import default_params_dtype, launch_env, run_distributed  # noqa: F401
+from minitron_megatron.cli.options import ConfigOptions
 from minitron_megatron.config import ParallelConfig
-from minitron_megatron.runtime.distributed import LaunchEnv, ParallelState, distributed
+from minitron_megatron.data.loaders import DataConfig
+from minitron_megatron.distill.config import KDConfig, TrainConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+PARALLEL = ConfigOptions(ParallelConfig,
+                         flags={"timeout_minutes": "--distributed-timeout-minutes"})
+DATA = ConfigOptions(DataConfig, skip=("seed",), flags={"cache_path": "--data-cache-path"})
+KD = ConfigOptions(KDConfig, prefix="kd-", flags={"intermediate_pairs": "--kd-intermediate"},
+                   convert={"intermediate_pairs": KDConfig.parse_pairs},
+                   aliases={"ce_weight": "--kd-alpha"})
+SCHEDULE_FIELDS = ("global_batch_size", "micro_batch_size", "lr", "min_lr", "lr_warmup_iters",
+                   "lr_decay_iters", "lr_decay_style", "weight_decay", "adam_beta1",
+                   "adam_beta2", "adam_eps", "clip_grad", "save_interval", "log_interval",
+                   "wandb_project", "wandb_run_name")
+"""Optimizer, LR schedule and bookkeeping of every training run: distill, finetune and each
+candidate of ``minitron search``."""
+
+SCHEDULE = ConfigOptions(TrainConfig, only=SCHEDULE_FIELDS)
+
 
 def add_parallel_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("parallelism")
-    group.add_argument("--tensor-model-parallel-size", type=int, default=1, metavar="TP")
-    group.add_argument("--pipeline-model-parallel-size", type=int, default=1, metavar="PP")
-    group.add_argument("--sequence-parallel", action="store_true")
-    group.add_argument("--seed", type=int, default=1234)
-    group.add_argument("--distributed-timeout-minutes", type=int, default=30)
-
-
-def add_data_args(parser: argparse.ArgumentParser, *, seq_length: int | None = None) -> None:
-    group = parser.add_argument_group("data")
-    group.add_argument("--data-path", required=True, help="indexed dataset prefix (.bin/.idx)")
-    group.add_argument("--seq-length", type=int, required=seq_length is None, default=seq_length)
-    group.add_argument("--split", default="98,2,0", help="train,valid,test document shares")
-    group.add_argument("--data-cache-path", default=None)
-    group.add_argument("--micro-batch-size", type=int, default=1)
-
-
-def data_config(args: argparse.Namespace):
-    """``add_data_args``' flags → the loaders' ``DataConfig``."""
-    from minitron_megatron.data.loaders import DataConfig
-
-    return DataConfig(data_path=args.data_path, seq_length=args.seq_length, split=args.split,
-                      seed=args.seed, cache_path=args.data_cache_path)
+    PARALLEL.add(parser.add_argument_group("parallelism"))
 
 
 def parallel_config(args: argparse.Namespace) -> ParallelConfig:
-    return ParallelConfig(
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        sequence_parallel=args.sequence_parallel,
-        seed=args.seed,
-        timeout_minutes=args.distributed_timeout_minutes,
-    )
+    return PARALLEL.build(args)
 
 
-@contextlib.contextmanager
-def run_distributed(parallel: ParallelConfig) -> Iterator[ParallelState]:
-    """The edge: read the launcher's environment, start the groups, log on rank 0 only."""
-    env = LaunchEnv.from_environ(os.environ)
-    parallel.data_parallel_size(env.world_size)  # fail before any work
-    if env.rank != 0:
-        logging.getLogger().setLevel(logging.WARNING)
-    with distributed(env, parallel) as ps:
-        yield ps
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    DATA.add(parser.add_argument_group("data"))
+
+
+def data_config(args: argparse.Namespace) -> DataConfig:
+    """The data options → ``DataConfig``; its shuffle seed is ``--seed``."""
+    return DATA.build(args, seed=args.seed)
+
+
+def add_params_dtype(parser, *, auto: bool = False) -> None:
+    """``--params-dtype``: the dtype the model's weights are loaded (and trained) in."""
+    choices = ("auto", *DTYPES) if auto else tuple(DTYPES)
+    parser.add_argument("--params-dtype", choices=choices, default=choices[0],
+                        help="dtype of the model's parameters" + (
+                            " (default: auto: bf16 on GPU, fp32 on CPU)" if auto
+                            else " (default: fp32)"))
+
+
+def params_dtype(args: argparse.Namespace) -> torch.dtype:
+    if args.params_dtype == "auto":
+        return default_params_dtype()
+    return DTYPES[args.params_dtype]
+
+
+def add_distributed_optimizer(group) -> None:
+    group.add_argument("--no-distributed-optimizer", action="store_true",
+                       help="keep whole optimizer states on every rank (by default they are "
+                            "sharded over the data-parallel ranks whenever the parameters are "
+                            "bf16/fp16)")
+
+
+def train_config(args: argparse.Namespace, options: ConfigOptions = SCHEDULE, **fields):
+    """``TrainConfig`` from ``options``' parsed values; ``fields`` are the run's own settings."""
+    dtype = params_dtype(args)
+    return options.build(args, use_distributed_optimizer=(
+        dtype != torch.float32 and not args.no_distributed_optimizer), **fields)
 
 
 def single_process() -> ParallelConfig:

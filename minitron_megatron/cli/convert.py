@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from minitron_megatron.cli.common import DTYPES, run_distributed, single_process
+from minitron_megatron.cli.common import DTYPES, add_params_dtype, run_distributed, single_process
 
 log = logging.getLogger("minitron")
 
@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save", required=True, help="checkpoint directory to write")
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer to store instead of the source's own")
-    p.add_argument("--params-dtype", choices=DTYPES, default="fp32")
+    add_params_dtype(p)
     p.set_defaults(func=run_import)
 
     p = sub.add_parser("import-megatron",
@@ -31,7 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export-hf", help="minitron checkpoint → HF directory (transformers)")
     p.add_argument("--load", required=True, help="checkpoint directory")
     p.add_argument("--save", required=True, help="HF directory to write")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32")
+    add_params_dtype(p)
+    p.add_argument("--dtype", dest="params_dtype", choices=DTYPES, default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # deprecated spelling of --params-dtype
     p.add_argument("--overwrite", action="store_true",
                    help="replace a --save directory that already holds files (atomically)")
     p.set_defaults(func=run_export)
@@ -67,6 +69,6 @@ def run_export(args: argparse.Namespace) -> None:
     find_checkpoint(args.load)
     check_replaceable(args.save, "--save", overwrite=args.overwrite)
     with run_distributed(single_process()) as ps:
-        out = export_model(args.load, args.save, ps, dtype=DTYPES[args.dtype],
+        out = export_model(args.load, args.save, ps, dtype=DTYPES[args.params_dtype],
                            overwrite=args.overwrite)
     log.info("exported %s → %s", args.load, out)

@@ -5,23 +5,25 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from minitron_megatron.cli.options import ConfigOptions
+
+
+def _options() -> ConfigOptions:
+    from minitron_megatron.demo import DemoConfig
+
+    return ConfigOptions(DemoConfig, only=("quick", "nproc", "distill_nproc", "distill_iters"))
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="end-to-end run on SmolLM2-135M and Wikipedia text")
-    p.add_argument("--output-dir", default="runs/demo")
-    p.add_argument("--quick", action="store_true", help="tiny budgets (CI smoke test)")
-    p.add_argument("--nproc", type=int, default=3,
-                   help="tensor-parallel ranks of the evaluate/importance/prune stages (1 or 3)")
-    p.add_argument("--distill-nproc", type=int, default=2,
-                   help="data-parallel ranks of the distillation")
-    p.add_argument("--distill-iters", type=int, default=None,
-                   help="distillation steps (default 80; a longer run recovers more)")
+    p.add_argument("--output-dir", default="runs/demo",
+                   help="directory of every stage's checkpoints, data, report and plot "
+                        "(default: runs/demo)")
+    _options().add(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    from minitron_megatron.demo import Demo, DemoConfig
+    from minitron_megatron.demo import Demo
 
-    extra = {} if args.distill_iters is None else {"distill_iters": args.distill_iters}
-    Demo(DemoConfig(output_dir=Path(args.output_dir), quick=args.quick, nproc=args.nproc,
-                    distill_nproc=args.distill_nproc, **extra)).run()
+    Demo(_options().build(args, output_dir=Path(args.output_dir))).run()

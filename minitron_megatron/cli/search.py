@@ -4,11 +4,23 @@ each briefly, rank them by the loss after distillation (paper §2.3 / §4.3)."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from minitron_megatron.cli.common import add_data_args, add_parallel_args, parallel_config
-from minitron_megatron.cli.distill import add_kd_args, add_schedule_args
+from minitron_megatron.cli.common import (
+    KD,
+    SCHEDULE,
+    add_data_args,
+    add_distributed_optimizer,
+    add_parallel_args,
+    add_params_dtype,
+    data_config,
+    launch_env,
+    parallel_config,
+    params_dtype,
+    train_config,
+)
+from minitron_megatron.cli.options import ConfigOptions
+from minitron_megatron.search.config import SearchConfig
 
 
 def _param_count(text: str) -> int:
@@ -20,83 +32,52 @@ def _param_count(text: str) -> int:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+SEARCH = ConfigOptions(SearchConfig, types={"target_params": _param_count})
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("search", help="architecture search: prune every shape within a "
                                       "parameter budget, distill each briefly, rank them")
     p.add_argument("--load", required=True, help="teacher checkpoint")
     p.add_argument("--scores", required=True, help="scores file of `minitron importance` on "
                                                    "the teacher")
-    p.add_argument("--save", required=True,
-                   help="search directory: search_results.{md,json}, candidates/<name>/ "
-                        "(relaunch with the same flags to resume)")
     g = p.add_argument_group("search")
-    g.add_argument("--target-params", type=_param_count, required=True,
-                   help="parameter budget, e.g. 70M or 4B (exact count: padded vocabulary and "
-                        "tied embeddings included)")
-    g.add_argument("--params-tolerance", type=float, default=0.05,
-                   help="candidates within target × (1 ± tolerance)")
+    SEARCH.add(g)
     g.add_argument("--search-space", default=None, metavar="YAML",
                    help="choices per axis overriding the defaults, e.g. {num_layers: [30, 28], "
                         "hidden_size: [448, 384]}; axes: num_layers, hidden_size, "
                         "ffn_hidden_size, num_attention_heads, num_query_groups")
-    g.add_argument("--top-k", type=int, default=None,
-                   help="distill only the K candidates with the lowest zero-shot loss "
-                        "(default: all, as the paper); may be raised when resuming")
     g.add_argument("--candidate-train-iters", type=int, default=400,
                    help="distillation steps per candidate (the paper: rankings settle after "
-                        "~300-400)")
+                        "~300-400) (default: 400)")
     g.add_argument("--candidate-eval-iters", type=int, default=1,
-                   help="global batches of held-out samples every loss is measured on")
-    g.add_argument("--depth-method", choices=("bi", "loss", "block"), default="bi",
-                   help="which layers shallower candidates drop (the metric must be in the "
-                        "scores)")
-    g.add_argument("--keep-all", action="store_true",
-                   help="keep every candidate's pruned and distilled checkpoint (default: only "
-                        "the best's distilled one)")
-    add_schedule_args(p.add_argument_group("distillation schedule (each candidate)"))
-    add_kd_args(p)
+                   help="global batches of held-out samples every loss is measured on "
+                        "(default: 1)")
+    g = p.add_argument_group("distillation schedule (each candidate)")
+    SCHEDULE.add(g)
+    add_params_dtype(g, auto=True)
+    add_distributed_optimizer(g)
+    KD.add(p.add_argument_group("distillation"))
     add_data_args(p)
     add_parallel_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
+    from minitron_megatron.api import search
     from minitron_megatron.checkpoint import find_checkpoint
-    from minitron_megatron.cli.common import data_config, run_distributed
-    from minitron_megatron.cli.distill import kd_config, params_dtype, train_config
-    from minitron_megatron.errors import MissingInputError
     from minitron_megatron.importance import Scores
-    from minitron_megatron.runtime.distributed import LaunchEnv
     from minitron_megatron.runtime.signals import EXIT_INTERRUPTED, RunInterrupted
-    from minitron_megatron.search import SearchConfig, SearchSpace, prepare_search, run_search
 
-    teacher = find_checkpoint(args.load)
-    scores = Scores.load(args.scores)
-    parallel = parallel_config(args)
-    space = SearchSpace.default(teacher.model_config,
-                                tensor_parallel=parallel.tensor_model_parallel_size)
-    if args.search_space:
-        if not Path(args.search_space).is_file():
-            raise MissingInputError(f"--search-space {args.search_space} does not exist; pass a "
-                                    f"YAML file of choices per axis.")
-        space = SearchSpace.from_yaml(args.search_space, space)
-    dtype = params_dtype(args)
-    search = SearchConfig(save=args.save, target_params=args.target_params,
-                          params_tolerance=args.params_tolerance, top_k=args.top_k,
-                          depth_method=args.depth_method, keep_all=args.keep_all)
-    train = train_config(args, dtype, save=args.save, train_iters=args.candidate_train_iters,
+    teacher, scores = find_checkpoint(args.load), Scores.load(args.scores)  # before the data
+    train = train_config(args, save=args.save, train_iters=args.candidate_train_iters,
                          eval_iters=args.candidate_eval_iters)
-    plan = prepare_search(teacher=teacher, scores=scores, space=space, search=search,
-                          train=train, kd=kd_config(args), data=data_config(args),
-                          parallel=parallel,
-                          world_size=LaunchEnv.from_environ(os.environ).world_size,
-                          params_dtype=dtype, seed=args.seed)
-    with run_distributed(parallel) as ps:
-        try:
-            run_search(plan, ps, params_dtype=dtype, seed=args.seed)
-        except RunInterrupted as stop:
-            if ps.rank == 0:
-                print(f"minitron search: {stop}", file=sys.stderr, flush=True)
-            raise SystemExit(EXIT_INTERRUPTED) from None
+    launch = launch_env()
+    try:
+        search(load=teacher, scores=scores, config=SEARCH.build(args), train=train,
+               kd=KD.build(args), data=data_config(args), space=args.search_space,
+               parallel=parallel_config(args), params_dtype=params_dtype(args), launch=launch)
+    except RunInterrupted as stop:
+        if launch.rank == 0:
+            print(f"minitron search: {stop}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_INTERRUPTED) from None

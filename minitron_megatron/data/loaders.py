@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from minitron_megatron.config import DEFAULT_SEED
 from minitron_megatron.errors import MissingInputError, UserError
 
 SPLITS = ("train", "valid", "test")
@@ -42,7 +43,7 @@ class DataConfig:
     split: str = "98,2,0"
     """Train, validation and test shares of the documents."""
 
-    seed: int = 1234
+    seed: int = DEFAULT_SEED
     """Seed of the sample shuffle."""
 
     cache_path: str | None = None

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from minitron_megatron.config import DEFAULT_SEED
 from minitron_megatron.errors import UserError
 
 
@@ -42,7 +43,7 @@ class DocumentStartWindows(Sequence):
     the split's first document at its end. Deterministic, and the same on every rank.
     """
 
-    def __init__(self, dataset, seq_length: int, seed: int = 1234):
+    def __init__(self, dataset, seq_length: int, seed: int = DEFAULT_SEED):
         self.indexed = dataset.dataset  # the IndexedDataset of the whole corpus
         self.documents = np.sort(np.asarray(dataset.indices))  # the split's documents
         self.seq_length = seq_length

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 from minitron_megatron.errors import UserError
 
-LR_DECAY_STYLES = ("cosine", "linear", "constant")
+LrDecayStyle = Literal["cosine", "linear", "constant"]
+LR_DECAY_STYLES = get_args(LrDecayStyle)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -22,23 +24,26 @@ class KDConfig:
     """Softmax temperature τ of both models; the KL is multiplied by τ² (see ``kd_loss``)."""
 
     ce_weight: float = 0.0
-    """α: weight of the student's next-token cross entropy against the ground truth."""
+    """α: weight of the student's next-token cross entropy against the ground truth; the KD
+    term gets 1 − α."""
 
     reverse: bool = False
-    """Use KL(p_student ‖ p_teacher) instead of the forward KL(p_teacher ‖ p_student)."""
+    """Use the reverse KL(p_student ‖ p_teacher) instead of the forward KL(p_teacher ‖
+    p_student)."""
 
     top_k: int | None = None
     """Keep only the teacher's k largest logits (global over TP), renormalised."""
 
     intermediate_pairs: tuple[tuple[int, int], ...] = ()
     """(student layer, teacher layer) pairs, 0-based, whose output hidden states are matched
-    by a cosine loss (through a learned linear projection when the widths differ)."""
+    by a cosine loss (through a learned linear projection when the widths differ), weighted by
+    the loss balancer; on the command line ``S:T,...``, e.g. ``3:7,5:11``."""
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
             raise UserError(f"--kd-temperature must be positive, got {self.temperature}.")
         if not 0.0 <= self.ce_weight <= 1.0:
-            raise UserError(f"--kd-alpha (the CE weight) must be in [0, 1], got {self.ce_weight}.")
+            raise UserError(f"--kd-ce-weight must be in [0, 1], got {self.ce_weight}.")
         if self.top_k is not None and self.top_k <= 0:
             raise UserError(f"--kd-top-k must be positive, got {self.top_k}.")
         if self.reverse and self.top_k:
@@ -101,7 +106,7 @@ class TrainConfig:
     lr_warmup_iters: int = 0
     """Linear warmup from 0 to ``lr`` over this many steps."""
 
-    lr_decay_style: str = "cosine"
+    lr_decay_style: LrDecayStyle = "cosine"
     """Decay from ``lr`` to ``min_lr`` over the steps after warmup: cosine, linear or constant."""
 
     lr_decay_iters: int | None = None
@@ -111,8 +116,13 @@ class TrainConfig:
     """Decoupled (AdamW) weight decay."""
 
     adam_beta1: float = 0.9
+    """Adam's decay rate of the gradient's running mean."""
+
     adam_beta2: float = 0.95
+    """Adam's decay rate of the squared gradient's running mean."""
+
     adam_eps: float = 1e-8
+    """Added to Adam's denominator for numerical stability."""
 
     clip_grad: float = 1.0
     """Clip the global gradient norm to this (0 disables clipping)."""

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from minitron_megatron.config import DEFAULT_SEED
 from minitron_megatron.distill.config import KDConfig
 from minitron_megatron.distill.intermediate import HiddenStateProjection, cosine_loss
 from minitron_megatron.distill.kd_loss import vocab_parallel_kd_loss
@@ -50,7 +51,7 @@ class DistillationModel(torch.nn.Module):
     """This rank's stage of student + frozen teacher (``teacher=None``: the student alone)."""
 
     def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module | None, *,
-                 kd: KDConfig, ps: ParallelState, seed: int = 1234):
+                 kd: KDConfig, ps: ParallelState, seed: int = DEFAULT_SEED):
         super().__init__()
         self.module = student
         self.teacher = teacher

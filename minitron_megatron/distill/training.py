@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from minitron_megatron.checkpoint import CheckpointInfo, load_checkpoint
+from minitron_megatron.config import DEFAULT_SEED
 from minitron_megatron.data.loaders import (
     DataConfig,
     build_datasets,
@@ -78,7 +79,7 @@ class Trainer:
 
     def __init__(self, *, train: TrainConfig, kd: KDConfig | None, data: DataConfig,
                  student: CheckpointInfo, teacher: CheckpointInfo | None, ps: ParallelState,
-                 params_dtype: torch.dtype = torch.float32, seed: int = 1234):
+                 params_dtype: torch.dtype = torch.float32, seed: int = DEFAULT_SEED):
         self.train_cfg, self.data, self.ps = train, data, ps
         self.kd = kd if teacher is not None else None
         self.student_info, self.teacher_info = student, teacher

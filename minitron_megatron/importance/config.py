@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from minitron_megatron.errors import UserError
 
@@ -13,9 +13,9 @@ Aggregation = Literal["l2", "mean", "var"]
 SeqAggregation = Literal["l2", "mean", "var", "max"]
 FfnHook = Literal["fc2-input", "fc1-output"]
 
-AGGREGATIONS = ("l2", "mean", "var")
-SEQ_AGGREGATIONS = (*AGGREGATIONS, "max")
-FFN_HOOKS = ("fc2-input", "fc1-output")
+AGGREGATIONS = get_args(Aggregation)
+SEQ_AGGREGATIONS = get_args(SeqAggregation)
+FFN_HOOKS = get_args(FfnHook)
 _BLOCK = re.compile(r"^block:(\d+)$")
 
 

@@ -19,12 +19,7 @@ import torch
 import torch.distributed as dist
 
 from minitron_megatron.config import ModelConfig
-from minitron_megatron.errors import UserError
-from minitron_megatron.output_paths import (
-    check_output_dir,
-    check_replaceable,
-    replacing_directory,
-)
+from minitron_megatron.output_paths import replacing_directory
 from minitron_megatron.pruning.layout import (
     recv_tensors,
     send_tensors,
@@ -182,48 +177,21 @@ def apply_plan(model: torch.nn.Module, plan: PrunePlan, ps: ParallelState, *,
     return pruned, plan.target
 
 
-def check_same_model(scored: ModelConfig, info) -> None:
-    """Scores (and plans made from them) only apply to the model they were computed on."""
-    if scored != info.model_config:
-        diff = {k: (v, getattr(scored, k)) for k, v in info.model_config.to_dict().items()
-                if getattr(scored, k) != v}
-        raise UserError(f"the scores were computed on another model (checkpoint vs scores: "
-                        f"{diff}); run `minitron importance --load {info.root}` first.")
-
-
-def check_prune_inputs(info, plan: PrunePlan, save: str | Path, *, tensor_parallel: int,
-                       pipeline_parallel: int, overwrite: bool = False,
-                       reconstruct: ReconstructConfig | None = None) -> None:
-    """Everything that can be checked before loading a tensor, with actionable errors."""
-    check_same_model(plan.source, info)
-    if reconstruct is not None:
-        Reconstructor(reconstruct).check(plan.source)
-    check_layout(plan.target, tensor_parallel=tensor_parallel,
-                 pipeline_parallel=pipeline_parallel)
-    save = Path(save)
-    check_output_dir(save, "--save")
-    if save.resolve() in (Path(info.root).resolve(), Path(info.path).resolve()):
-        raise UserError(f"--save {save} is the checkpoint being pruned; write the pruned model "
-                        f"to a new directory.")
-    check_replaceable(save, "--save", overwrite=overwrite)
-
-
 def prune_checkpoint(info, plan: PrunePlan, save: str | Path, ps: ParallelState, *,
-                     params_dtype: torch.dtype = torch.float32, overwrite: bool = False,
+                     params_dtype: torch.dtype = torch.float32,
                      reconstruct: ReconstructConfig | None = None) -> Path:
     """Load checkpoint ``info`` at this layout, prune it by ``plan`` (refitting the readers of
     pruned units by least squares with ``reconstruct``) and save it at its new shape (with its
     new ``ModelConfig``, the plan and the reconstruction settings inside). Returns the iteration
     directory.
 
-    ``save`` must be new or empty unless ``overwrite``; the checkpoint is written in a staging
-    directory and renamed into place, so ``save`` never mixes it with what was there."""
+    The inputs are checked once, before any work, by ``pruning.preflight.check_prune`` (which
+    made ``plan``; ``minitron_megatron.prune`` and the CLI call it: it refuses a non-empty
+    ``save`` unless asked to overwrite). The checkpoint is written in a staging directory and
+    renamed into place, so ``save`` never mixes it with what was there."""
     from minitron_megatron.checkpoint import iteration_dir, load_checkpoint, save_checkpoint
     from minitron_megatron.model.build import build_model
 
-    check_prune_inputs(info, plan, save, tensor_parallel=ps.tp_size,
-                       pipeline_parallel=ps.pp_size, overwrite=overwrite,
-                       reconstruct=reconstruct)
     model = build_model(info.model_config, ps, params_dtype=params_dtype, init_weights=False)
     load_checkpoint(info, model=model)
     refit = Reconstructor(reconstruct) if reconstruct is not None else None

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 from minitron_megatron.config import ModelConfig
 from minitron_megatron.errors import UserError
 
 DepthMethod = Literal["bi", "loss", "block"]
-DEPTH_METHODS = ("bi", "loss", "block")
+DEPTH_METHODS = get_args(DepthMethod)
 
 _AXES = {  # target field → (ModelConfig field, CLI flag)
     "ffn_hidden_size": ("ffn_hidden_size", "--target-ffn-hidden-size"),
@@ -18,6 +18,7 @@ _AXES = {  # target field → (ModelConfig field, CLI flag)
     "num_query_groups": ("num_query_groups", "--target-num-query-groups"),
     "num_layers": ("num_layers", "--target-num-layers"),
 }
+TARGET_FLAGS = {name: flag for name, (_, flag) in _AXES.items()}
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -45,7 +46,7 @@ class PruneTargets:
     (``loss``), or the contiguous block whose removal raises the loss least (``block``)."""
 
     drop_layers: tuple[int, ...] | None = None
-    """Explicit layer indices to drop (instead of ``depth_method``)."""
+    """Explicit 0-based layer indices to drop (instead of ``depth_method``), e.g. 20,21,22."""
 
     head_residual: bool = False
     """Fold pruned query heads into kept ones (paper §2.3, see ``pruning.slicing``)."""

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minitron_megatron.errors import UserError
-from minitron_megatron.pruning.targets import DEPTH_METHODS
+from minitron_megatron.pruning.targets import DEPTH_METHODS, DepthMethod
 
 RESULTS_JSON = "search_results.json"
 RESULTS_MD = "search_results.md"
@@ -23,10 +23,12 @@ class SearchConfig:
     """Budget, selection and bookkeeping of one search."""
 
     save: Path
-    """Search directory: ``search_results.{json,md}`` and ``candidates/<name>/``."""
+    """Search directory: ``search_results.{json,md}`` and ``candidates/<name>/`` (relaunch
+    with the same settings to resume)."""
 
     target_params: int
-    """Parameter budget (exact count: padded vocabulary and tied embeddings included)."""
+    """Parameter budget, e.g. 70M or 4B on the command line (exact count: padded vocabulary
+    and tied embeddings included)."""
 
     params_tolerance: float = 0.05
     """Candidates lie within ``target_params · (1 ± tolerance)``."""
@@ -37,7 +39,7 @@ class SearchConfig:
     as the paper does (the zero-shot loss is a poor predictor of the loss after retraining).
     It may change when a search is resumed: raising it distills the next candidates."""
 
-    depth_method: str = "bi"
+    depth_method: DepthMethod = "bi"
     """Which layers a shallower candidate drops (``bi``, ``loss`` or ``block``); its metric must
     be in the scores file (``minitron importance --depth-metrics``)."""
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from minitron_megatron.checkpoint import CheckpointInfo
-from minitron_megatron.config import ParallelConfig
+from minitron_megatron.config import DEFAULT_SEED, ParallelConfig
 from minitron_megatron.data.loaders import DataConfig
 from minitron_megatron.distill.config import KDConfig, TrainConfig
 from minitron_megatron.distill.preflight import check_run
@@ -27,7 +27,7 @@ from minitron_megatron.errors import UserError
 from minitron_megatron.importance import Scores
 from minitron_megatron.output_paths import check_output_dir
 from minitron_megatron.pruning import PrunePlan, PruneTargets, make_plan
-from minitron_megatron.pruning.apply import check_same_model
+from minitron_megatron.pruning.preflight import check_same_model
 from minitron_megatron.search.config import RESULTS_JSON, SearchConfig
 from minitron_megatron.search.results import SearchResults
 from minitron_megatron.search.space import AXES, Candidate, SearchSpace, enumerate_candidates
@@ -154,7 +154,7 @@ def prepare_search(*, teacher: CheckpointInfo, scores: Scores, space: SearchSpac
                    search: SearchConfig, train: TrainConfig, kd: KDConfig, data: DataConfig,
                    parallel: ParallelConfig, world_size: int,
                    params_dtype: torch.dtype = torch.float32,
-                   seed: int = 1234) -> SearchPlan:
+                   seed: int = DEFAULT_SEED) -> SearchPlan:
     """Check everything and plan every candidate; raises one actionable ``ValueError``.
 
     Example::

@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from minitron_megatron.checkpoint import TRACKER_FILE, find_checkpoint, latest_iteration
 from minitron_megatron.checkpoint import load_checkpoint as load_model
+from minitron_megatron.config import DEFAULT_SEED
 from minitron_megatron.data.loaders import build_datasets
 from minitron_megatron.distill.training import Trainer
 from minitron_megatron.errors import UserError
@@ -119,8 +120,9 @@ def _distill(plan: SearchPlan, record: CandidateResult, ps: ParallelState, valid
     start = time.perf_counter()
     seed_everything(seed)  # every candidate starts from the same RNG state, resumed or not
     if not pruned_dir.exists() or latest_iteration(pruned_dir) is None:
+        # a killed try's leftovers are replaced whole (prune_checkpoint stages and renames)
         path = prune_checkpoint(plan.teacher, plan.plans[record.name], pruned_dir, ps,
-                                params_dtype=params_dtype, overwrite=True)  # a killed try
+                                params_dtype=params_dtype)
         if ps.rank == 0:
             shutil.copyfile(path / PLAN_FILE, directory / PLAN_FILE)
     train = dataclasses.replace(
@@ -180,7 +182,7 @@ def _tidy(plan: SearchPlan, ps: ParallelState) -> None:
 
 
 def run_search(plan: SearchPlan, ps: ParallelState, *, params_dtype: torch.dtype = torch.float32,
-               seed: int = 1234) -> SearchResults:
+               seed: int = DEFAULT_SEED) -> SearchResults:
     """Run (or resume) the search of ``plan`` on this rank; collective over all ranks. Returns
     the results (also in ``search_results.json`` / ``.md``)."""
     results = plan.results
