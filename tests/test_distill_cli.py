@@ -52,8 +52,10 @@ BAD = {
                "the student .* cannot be laid out at TP=1, PP=3.*must suit both"),
     "batch": ("good", ["--global-batch-size", "3", "--micro-batch-size", "2"],
               "global-batch-size 3 is not divisible by --micro-batch-size 2"),
-    "data-too-short": ("good", ["--train-iters", "100000"],
-                       "fewer than the .* requested.*--train-iters × --global-batch-size"),
+    # training cycles epochs; validation never counts a sample twice
+    "data-too-short": ("good", ["--eval-interval", "1", "--eval-iters", "100000"],
+                       "valid split .* fewer than the 200000 requested.*--eval-iters × "
+                       "--global-batch-size = 200000 validation samples"),
     "resume-other-shape": ("good", ["--load", "{wide}"], "another shape.*hidden_size"),
     "pairs": ("good", ["--kd-intermediate", "0:9"], "pair 0:9 is out of range"),
     "reverse-top-k": ("good", ["--kd-reverse", "--kd-top-k", "4"], "--kd-reverse with --kd-top-k"),
