@@ -13,11 +13,12 @@ from typing import Literal
 
 import pytest
 
+import minitron_megatron
 from minitron_megatron.cli import build_parser, common, distill, evaluate, importance, prune
 from minitron_megatron.cli import search as search_cli
 from minitron_megatron.cli.options import ConfigOptions, field_docs
 
-PACKAGE = Path(__file__).resolve().parents[1] / "minitron_megatron"
+PACKAGE = Path(minitron_megatron.__file__).resolve().parent  # the source tree or site-packages
 DEPRECATED = {"--kd-alpha", "--dtype", "--override-opt_param-scheduler",
               "--use-checkpoint-opt_param-scheduler"}
 """Old spellings still accepted, hidden from --help."""
