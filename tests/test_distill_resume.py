@@ -140,7 +140,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(assets, tmp_path, monkeyp
     assert sorted(p.name for p in (tmp_path / "run").glob("iter_*")) == ["iter_0000002"]
     # a resume from a damaged training checkpoint is refused before it reads any state
     monkeypatch.undo()
-    common = tmp_path / "run" / "iter_0000002" / "common.pt"
+    iteration = tmp_path / "run" / "iter_0000002"
+    # common.pt up to megatron-core 0.16; from 0.17 the common state is inside the shards
+    common = iteration / "common.pt"
+    if not common.exists():
+        common = sorted(iteration.glob("__*.distcp"))[-1]
     common.write_bytes(common.read_bytes()[:-8])
     with pytest.raises(CorruptCheckpointError, match=f"{common} is corrupt or truncated"):
         runs(LaunchEnv(), assets, [(str(tmp_path / "run"), {"layout": (1, 1),
