@@ -71,7 +71,7 @@ test311: venv
 # megatron-core 0.16, so its side-by-side tests run in the 3.11 environment only.
 test312: venv312
 	rm -rf $(VENV312)/suite && mkdir -p $(VENV312)/suite
-	cp -r tests benchmarks examples launch pyproject.toml $(VENV312)/suite/
+	cp -r tests benchmarks examples launch pyproject.toml README.md $(VENV312)/suite/
 	cd $(VENV312)/suite && ../bin/python -c "import minitron_megatron, sys; assert 'site-packages' in minitron_megatron.__file__, minitron_megatron.__file__; from minitron_megatron.runtime.mcore_compat import mcore_version; print('Python', sys.version.split()[0], '| megatron-core', mcore_version(), '| installed wheel')"
 	cd $(VENV312)/suite && PATH=$(CURDIR)/$(VENV312)/bin:$$PATH ../bin/python -m pytest -q -m "not modelopt" --ignore=tests/test_wheel.py
 

@@ -204,6 +204,12 @@ def load_training_checkpoint(
         raise CheckpointError(f"{info.path} is not a training checkpoint (no optimizer or "
                               f"scheduler state); pass it as --student to start a new run.")
     train_state = common["train_state"]
+    if override_schedule:
+        # megatron-core 0.19+ pairs saved and current parameter groups by their max_lr/min_lr
+        # (among other keys): load under the saved values, the new ones are applied below
+        saved = common["opt_param_scheduler"]
+        for group in optimizer.param_groups:
+            group["max_lr"], group["min_lr"] = saved["max_lr"], saved["min_lr"]
     extra = _sharded_items(student, projection, optimizer, loading=True)
     same_layout = list(train_state["layout"]) == _layout(ps)
     if same_layout:
