@@ -11,22 +11,13 @@ import pytest
 import torch
 
 from minitron_megatron.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from minitron_megatron.cli import main
 from minitron_megatron.config import ParallelConfig
 from minitron_megatron.data.loaders import check_token_ids
 from minitron_megatron.errors import UserError
 from minitron_megatron.model.build import build_model
 from minitron_megatron.runtime.distributed import LaunchEnv, distributed
 from minitron_megatron.testing.multiprocess import run_distributed
-
-
-def _fail(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"minitron {argv[0]}: error: "), err
-    return err[0]
+from tests.cli_helpers import fail_one_line
 
 
 def _no_work(*args, **kwargs):
@@ -46,7 +37,7 @@ def _evaluate(ckpt, data, *extra):
 def test_evaluate_counts_checked_at_config_time(flags, message, llama_ckpt_untied, tiny_dataset,
                                                 capsys, monkeypatch):
     monkeypatch.setattr("minitron_megatron.api.run_distributed", _no_work)
-    err = _fail(_evaluate(llama_ckpt_untied, tiny_dataset, *flags), capsys)
+    err = fail_one_line(_evaluate(llama_ckpt_untied, tiny_dataset, *flags), capsys)
     assert message in err and f"got {flags[1]}" in err
 
 
@@ -58,9 +49,9 @@ def test_evaluate_counts_checked_at_config_time(flags, message, llama_ckpt_untie
 def test_importance_counts_checked_at_config_time(flags, message, llama_ckpt_untied, tiny_dataset,
                                                   tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("minitron_megatron.api.run_distributed", _no_work)
-    err = _fail(["importance", "--load", str(llama_ckpt_untied), "--data-path", tiny_dataset,
-                 "--seq-length", "32", "--save-scores", str(tmp_path / "s.safetensors"), *flags],
-                capsys)
+    err = fail_one_line(["importance", "--load", str(llama_ckpt_untied), "--data-path",
+                         tiny_dataset, "--seq-length", "32", "--save-scores",
+                         str(tmp_path / "s.safetensors"), *flags], capsys)
     assert message in err
 
 
@@ -69,12 +60,12 @@ def test_seq_length_above_the_model_positions(gpt_ckpt, llama_ckpt_untied, tiny_
     monkeypatch.setattr("minitron_megatron.api.run_distributed", _no_work)
     args = _evaluate(gpt_ckpt, tiny_dataset)  # learned positions: 64 of them
     args[args.index("--seq-length") + 1] = "128"
-    err = _fail(args, capsys)
+    err = fail_one_line(args, capsys)
     assert "--seq-length 128 exceeds the model's max_position_embeddings=64" in err
     assert "use --seq-length 64 or less" in err
-    err = _fail(["finetune", "--model", str(llama_ckpt_untied), "--data-path", tiny_dataset,
-                 "--seq-length", "512", "--train-iters", "1", "--global-batch-size", "1",
-                 "--save", str(tmp_path / "run")], capsys)  # RoPE: 256 positions
+    err = fail_one_line(["finetune", "--model", str(llama_ckpt_untied), "--data-path", tiny_dataset,
+                         "--seq-length", "512", "--train-iters", "1", "--global-batch-size", "1",
+                         "--save", str(tmp_path / "run")], capsys)  # RoPE: 256 positions
     assert "max_position_embeddings=256" in err and not (tmp_path / "run").exists()
 
 
@@ -101,7 +92,7 @@ def foreign_dataset(tmp_path_factory):
 def test_token_ids_beyond_the_vocabulary(llama_ckpt_untied, foreign_dataset, capsys,
                                          monkeypatch):
     monkeypatch.setattr("minitron_megatron.model.build.build_model", _no_work)
-    err = _fail(_evaluate(llama_ckpt_untied, foreign_dataset), capsys)
+    err = fail_one_line(_evaluate(llama_ckpt_untied, foreign_dataset), capsys)
     assert "holds token id 999 but the model's vocabulary has 384 entries" in err
     assert "preprocess it again" in err
 
@@ -128,7 +119,7 @@ def test_truncated_bin_with_intact_idx(llama_ckpt_untied, tiny_dataset, tmp_path
     shutil.copy(f"{tiny_dataset}.idx", f"{prefix}.idx")
     data = open(f"{tiny_dataset}.bin", "rb").read()
     open(f"{prefix}.bin", "wb").write(data[: len(data) // 2])
-    err = _fail(_evaluate(llama_ckpt_untied, prefix), capsys)
+    err = fail_one_line(_evaluate(llama_ckpt_untied, prefix), capsys)
     assert f"{prefix}.bin holds {len(data) // 2} bytes but {prefix}.idx describes {len(data)}" \
         in err and "preprocess the data again" in err
 
@@ -150,15 +141,15 @@ def nan_ckpt(tmp_path_factory, llama_ckpt_untied):
 
 def test_nan_loss_is_an_error_not_a_number(nan_ckpt, tiny_dataset, tmp_path, capsys):
     out = tmp_path / "result.json"
-    err = _fail(_evaluate(nan_ckpt, tiny_dataset, "--output-json", str(out)), capsys)
+    err = fail_one_line(_evaluate(nan_ckpt, tiny_dataset, "--output-json", str(out)), capsys)
     assert "the loss over 128 tokens is nan" in err and "corrupt or diverged" in err
     assert not out.exists()
 
 
 def test_training_refuses_a_nan_validation_loss(nan_ckpt, tiny_dataset, tmp_path, capsys):
-    err = _fail(["finetune", "--model", str(nan_ckpt), "--data-path", tiny_dataset,
-                 "--seq-length", "32", "--train-iters", "2", "--global-batch-size", "2",
-                 "--eval-interval", "1", "--save", str(tmp_path / "run")], capsys)
+    err = fail_one_line(["finetune", "--model", str(nan_ckpt), "--data-path", tiny_dataset,
+                         "--seq-length", "32", "--train-iters", "2", "--global-batch-size", "2",
+                         "--eval-interval", "1", "--save", str(tmp_path / "run")], capsys)
     assert "training stopped before its first step: the validation loss is nan on the " \
         "starting model" in err, err
     assert "check it with `minitron evaluate`" in err

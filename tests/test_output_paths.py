@@ -8,15 +8,7 @@ import pytest
 
 from minitron_megatron.cli import main
 from minitron_megatron.model import convert
-
-
-def _fail(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"minitron {argv[0]}: error: "), err
-    return err[0]
+from tests.cli_helpers import fail_one_line
 
 
 def _no_work(*args, **kwargs):
@@ -48,7 +40,7 @@ def test_output_under_a_regular_file(command, llama_ckpt_untied, hf_llama_untied
     blocker.write_text("not a directory")
     argv, edge = _commands(llama_ckpt_untied, tiny_dataset, blocker / "out")[command]
     monkeypatch.setattr(edge, _no_work)
-    err = _fail([a.format(hf=hf_llama_untied) for a in argv], capsys)
+    err = fail_one_line([a.format(hf=hf_llama_untied) for a in argv], capsys)
     assert f"{blocker} is a file, not a directory" in err, err
     assert blocker.read_text() == "not a directory"
 
@@ -60,7 +52,7 @@ def test_export_refuses_a_non_empty_directory_and_overwrite_replaces_it(
     (out / "config.json").write_text("{}")
     (out / "foreign.txt").write_text("someone else's")
     monkeypatch.setattr("minitron_megatron.cli.convert.run_distributed", _no_work)
-    err = _fail(["export-hf", "--load", str(llama_ckpt_untied), "--save", str(out)], capsys)
+    err = fail_one_line(["export-hf", "--load", str(llama_ckpt_untied), "--save", str(out)], capsys)
     assert "already holds files (config.json, foreign.txt); pass --overwrite" in err
     assert (out / "config.json").read_text() == "{}"
     monkeypatch.undo()
