@@ -248,3 +248,13 @@ def test_statistics_and_refit_equal_at_every_layout(llama_ckpt_untied, tmp_path)
         assert refit == 4 * plan.target.num_layers  # linear_qkv, _proj, _fc1, _fc2 per layer
     finally:
         shutdown()
+
+
+def test_reconstruct_config_takes_a_path(tmp_path):
+    """A ``pathlib.Path`` for the stats directory (as the Python API's users pass one) is kept as
+    its string, so the config still serialises into the pruned checkpoint."""
+    import json
+
+    cfg = ReconstructConfig(stats=tmp_path / "stats")
+    assert cfg.stats == str(tmp_path / "stats")
+    assert json.loads(cfg.to_json())["stats"] == str(tmp_path / "stats")

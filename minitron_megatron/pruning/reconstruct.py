@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -60,8 +61,9 @@ NORM_WEIGHTS = {"qkv": ("input_layernorm.weight", "self_attention.linear_qkv.lay
 class ReconstructConfig:
     """What ``prune --reconstruct`` refits and how."""
 
-    stats: str
-    """Directory of Gram statistics written by ``minitron importance --save-stats``."""
+    stats: str | os.PathLike
+    """Directory of Gram statistics written by ``minitron importance --save-stats`` (kept as a
+    string: the config is written into the pruned checkpoint as JSON)."""
 
     ridge: float = 1e-3
     """Ridge λ relative to the mean diagonal of the kept units' Gram block (scale-free)."""
@@ -71,6 +73,7 @@ class ReconstructConfig:
     ``qkv`` and ``fc1`` (after hidden-channel pruning; RMSNorm models)."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "stats", os.fspath(self.stats))
         object.__setattr__(self, "kinds", tuple(self.kinds))
         if not self.ridge >= 0:
             raise UserError(f"--reconstruct-ridge {self.ridge} must be ≥ 0.")
