@@ -2,20 +2,26 @@
 on the Wikipedia corpus, on CPU (arXiv 2407.14679).
 
 Every retraining run uses the same token budget (``train_iters × global_batch_size ×
-seq_length`` tokens, the same samples in the same order), the same schedule, and is measured on
-the same held-out set (the first ``eval_samples`` samples of the validation split):
+seq_length`` tokens), the same schedule, and is measured on the same two held-out sets: the first
+``eval_samples`` samples of the validation split as the dataset cut them (``as_sampled``, mostly
+mid-document) and ``doc_start_samples`` windows that start at a document's first token
+(``doc_start``). The runs that decide C1 and C3 are trained once per seed (``seeds``: the
+training-data order; the held-out sets and students stay the same); a claim gets a verdict only
+where every seed agrees beyond the margin (``benchmarks/claims_report.py``):
 
 * **C1 + C2** (Table 14): the width-pruned student retrained by KD vs by cross entropy only vs
   the same architecture from random init trained by cross entropy. Expected: KD < CE < scratch.
 * **C3** (Table 13, Fig. 6): width-pruned (65.3M) vs depth-pruned (11 layers, 67.3M) students,
   zero-shot and after KD. Paper: depth can look better zero-shot, width wins after retraining.
 * **C5** (Table 11): importance aggregation (batch, sequence) ∈ {(l2, mean), (mean, mean),
-  (l2, l2), (var, var)}: zero-shot loss of the width-pruned student, and after KD.
-* **C7** (Tables 15–16): logit loss forward KL vs reverse KL vs KL + CE.
+  (l2, l2), (var, var)}: zero-shot loss of the width-pruned student.
+* **C7** (Tables 15–16): logit loss forward KL vs reverse KL vs KL + CE (first seed).
 
-Runs shared between claims (identical settings, trained once): width (l2, mean) + forward KL is
-the C1 KD run, the C3 width run, the C5 (l2, mean) run and the C7 forward-KL run; width
-(l2, mean) is the student of every C1 and C7 run.
+Runs shared between claims: width (l2, mean) + forward KL is the C1 KD run, the C3 width run and
+the C7 forward-KL run; width (l2, mean) is the student of every C1 and C7 run. The width students
+are pruned the library's default way (position-0 fold, layers refit from the calibration
+pass's Gram statistics). The data-scarce C1 regime (a small fixed training set, many epochs) is
+``benchmarks/claims_c1.py``, run after this study on its students.
 
 The stages are the library's: ``estimate_importance``, ``make_plan`` + ``prune_checkpoint``,
 ``build_model`` + ``save_checkpoint`` (random init), ``Trainer`` (KD, or CE with no teacher),
@@ -53,13 +59,16 @@ from benchmarks.claims_config import (
     RUNS,
     SCRATCH,
     WIDTH,
+    WINDOW_KINDS,
     Run,
     StudyConfig,
     width_student,
 )
+from minitron_megatron.distill.training import Trainer
 
 __all__ = ["AGGREGATIONS", "DEFAULT_WIDTH", "DEPTH", "DEPTH_LAYERS", "KL_CE_WEIGHT", "RUNS",
-           "SCRATCH", "WIDTH", "Run", "StudyConfig", "Study", "width_student"]
+           "SCRATCH", "WIDTH", "WINDOW_KINDS", "Run", "StudyConfig", "Study", "StudyTrainer",
+           "width_student"]
 
 
 def sample_losses(model, ps, dataset, *, num_samples: int, micro_batch_size: int,
@@ -72,6 +81,11 @@ def sample_losses(model, ps, dataset, *, num_samples: int, micro_batch_size: int
         raise ValueError("the claims study runs on one rank.")
 
     def per_sample(batch, loss):  # loss [b, s] → [real b, 2]
+        if loss.dim() == 3:  # a distilled student's last stage hands out its logits [s, b, V]
+            logits = loss.transpose(0, 1).float()  # [b, s, V]
+            loss = torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), batch["labels"].to(logits.device).flatten(),
+                reduction="none").view(logits.shape[:2])  # [b, s]
         mask = batch["loss_mask"].to(torch.float64)  # [b, s]
         sums = torch.stack([(loss.detach().cpu().double() * mask).sum(1), mask.sum(1)], dim=1)
         return sums[batch["sample_mask"] > 0]
@@ -82,11 +96,30 @@ def sample_losses(model, ps, dataset, *, num_samples: int, micro_batch_size: int
     return torch.cat(out)
 
 
+class StudyTrainer(Trainer):
+    """The library's ``Trainer`` on a training set the study chose (a seed's data order, or a
+    fixed set's epochs); its held-out evaluation is the study's own (``Study.curve_point``)."""
+
+    def __init__(self, *, train_set, **kw):
+        self._train_set = train_set
+        super().__init__(**kw)
+
+    def _datasets(self):
+        return {"train": self._train_set}
+
+
+def mean_of(sums) -> float:
+    """Mean next-token loss of ``[N, 2]`` per-sample (loss sum, tokens) rows."""
+    t = torch.as_tensor(sums, dtype=torch.float64)
+    return float(t[:, 0].sum() / t[:, 1].sum())
+
+
 class Study:
     """The stages, in order; each result lands in ``results.json`` as soon as it is known."""
 
     def __init__(self, cfg: StudyConfig, ps):
         self.cfg, self.ps = cfg, ps
+        self.curve_samples = cfg.curve_samples
         self.dir = cfg.output_dir
         self.path = self.dir / "results.json"
         self.results = {"config": cfg.to_dict(), "zero_shot": {}, "runs": {}, "students": {},
@@ -118,16 +151,38 @@ class Study:
     def student_dir(self, name: str) -> Path:
         return self.dir / "students" / re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
-    def held_out(self, model) -> torch.Tensor:
-        c = self.cfg
-        return sample_losses(model, self.ps, self.valid, num_samples=c.eval_samples,
-                             micro_batch_size=c.micro_batch_size, seq_length=c.seq_length)
+    def held_out(self, model, limit: int | None = None) -> dict[str, list]:
+        """Per-sample ``[loss sum, tokens]`` of ``model`` on each held-out window kind (the first
+        ``limit`` windows of each, default all)."""
+        c, out = self.cfg, {}
+        for kind, dataset, n in (("as_sampled", self.valid, c.eval_samples),
+                                 ("doc_start", self.doc_starts, c.doc_start_samples)):
+            out[kind] = sample_losses(model, self.ps, dataset, num_samples=min(n, limit or n),
+                                      micro_batch_size=c.micro_batch_size,
+                                      seq_length=c.seq_length).tolist()
+        return out
+
+    def curve_point(self, trainer: Trainer, iteration: int) -> dict:
+        """Held-out loss of the student being trained on the first ``curve_samples`` windows of
+        each kind."""
+        trainer.ddp.eval()
+        sums = self.held_out(trainer.student, limit=self.curve_samples)
+        trainer.ddp.train()
+        return {"iteration": iteration, **{k: mean_of(v) for k, v in sums.items()}}
 
     def record_zero_shot(self, name: str, model) -> None:
         sums = self.held_out(model)
-        self.results["zero_shot"][name] = sums.tolist()
-        print(f"[claims] held-out loss of {name}: {float(sums[:, 0].sum() / sums[:, 1].sum()):.4f}",
-              flush=True)
+        self.results["zero_shot"][name] = sums
+        print(f"[claims] held-out loss of {name}: "
+              + ", ".join(f"{k} {mean_of(v):.4f}" for k, v in sums.items()), flush=True)
+
+    def train_set(self, seed: int, samples: int):
+        """The train split in the data order of ``seed`` (cycling epochs if needed)."""
+        from minitron_megatron.data.loaders import build_datasets
+
+        data = dataclasses.replace(self.data, seed=seed)
+        return build_datasets(data, eod_id=self.eod_id, vocab_size=self.vocab_size,
+                              num_samples={"train": samples}, repeat=("train",))["train"]
 
     # ------------------------------------------------------------------ stages
     def prepare_assets(self) -> None:
@@ -151,22 +206,28 @@ class Study:
         """Importance passes, pruned checkpoints, the random-init checkpoint, zero-shot losses."""
         from minitron_megatron.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
         from minitron_megatron.data.loaders import DataConfig, build_datasets
+        from minitron_megatron.data.windows import DocumentStartWindows
         from minitron_megatron.evaluate import eod_id_of
         from minitron_megatron.importance import ImportanceConfig, estimate_importance
         from minitron_megatron.model.build import build_model
         from minitron_megatron.pruning import PruneTargets, make_plan, prune_checkpoint
+        from minitron_megatron.pruning.reconstruct import ReconstructConfig
         from minitron_megatron.runtime.distributed import seed_everything
 
         c, ps = self.cfg, self.ps
         info = find_checkpoint(self.teacher_path)
         self.teacher_info = info
         self.data = DataConfig(data_path=self.data_path, seq_length=c.seq_length, seed=c.seed)
-        sets = build_datasets(self.data, eod_id=eod_id_of(info),
-                              vocab_size=info.model_config.vocab_size,
+        self.eod_id, self.vocab_size = eod_id_of(info), info.model_config.vocab_size
+        sets = build_datasets(self.data, eod_id=self.eod_id, vocab_size=self.vocab_size,
                               num_samples={"train": max(c.calib_samples, c.depth_calib_samples),
                                            "valid": c.eval_samples})
-        self.valid = sets["valid"]
-        needed = {r.student for r in RUNS}
+        self.calibration, self.valid = sets["train"], sets["valid"]
+        self.doc_starts = DocumentStartWindows(self.valid, c.seq_length, seed=c.seed)
+        if len(self.doc_starts) < c.doc_start_samples:
+            raise ValueError(f"the validation split has {len(self.doc_starts)} documents, fewer "
+                             f"than --doc-start-samples {c.doc_start_samples}.")
+        needed = {r.student for r in RUNS} | {width_student(*a) for a in AGGREGATIONS}
         if all(s in self.results["students"] and self.student_dir(s).is_dir() for s in needed):
             return
         teacher = build_model(info.model_config, ps, init_weights=False)
@@ -175,13 +236,17 @@ class Study:
                    seq_length=c.seq_length)
         with self.timed("teacher held-out loss"):
             self.record_zero_shot("teacher", teacher)
-        plans = {}
+        plans, refit = {}, {}
         for batch, seq in AGGREGATIONS:
+            name = width_student(batch, seq)
+            stats = self.dir / "stats" / self.student_dir(name).name
+            shutil.rmtree(stats, ignore_errors=True)
             with self.timed(f"importance ({batch},{seq})"):
                 scores = estimate_importance(
                     teacher, ps, sets["train"], num_samples=c.calib_samples, **run,
-                    config=ImportanceConfig(batch_agg=batch, seq_agg=seq))
-            plans[width_student(batch, seq)] = make_plan(scores, PruneTargets(**WIDTH))
+                    config=ImportanceConfig(batch_agg=batch, seq_agg=seq), stats_dir=stats)
+            plans[name] = make_plan(scores, PruneTargets(**WIDTH))
+            refit[name] = ReconstructConfig(stats=stats)  # the library's default pruning
         with self.timed("importance (depth: loss per skipped layer)"):
             scores = estimate_importance(teacher, ps, sets["train"],
                                          num_samples=c.depth_calib_samples, **run,
@@ -194,7 +259,7 @@ class Study:
             with self.timed(f"prune {name}"):
                 save = self.student_dir(name)
                 shutil.rmtree(save, ignore_errors=True)
-                prune_checkpoint(info, plan, save, ps)
+                prune_checkpoint(info, plan, save, ps, reconstruct=refit.get(name))
             self.results["students"][name] = {
                 "parameters": plan.target.num_parameters(), "layers": plan.target.num_layers,
                 "dropped_layers": sorted(set(range(plan.source.num_layers))
@@ -222,35 +287,56 @@ class Study:
             "layers": info.model_config.num_layers}
         self.save()
 
-    def train(self, run: Run) -> None:
-        from minitron_megatron.checkpoint import find_checkpoint, load_checkpoint
+    def trainer(self, run: Run, seed: int, train_set, save: Path, train_iters: int,
+                warmup_iters: int) -> StudyTrainer:
+        """The library's trainer for ``run`` on ``train_set`` (the study's schedule)."""
+        from minitron_megatron.checkpoint import find_checkpoint
         from minitron_megatron.distill.config import KDConfig, TrainConfig
-        from minitron_megatron.distill.training import Trainer
-        from minitron_megatron.model.build import build_model
 
-        if run.name in self.results["runs"]:
-            return
         c = self.cfg
         kd = {"forward KL": KDConfig(), "reverse KL": KDConfig(reverse=True),
               "KL+CE": KDConfig(ce_weight=KL_CE_WEIGHT), "CE": None}[run.objective]
-        save = self.dir / "runs" / run.name
         shutil.rmtree(save, ignore_errors=True)
         train = TrainConfig(
-            save=save, train_iters=c.train_iters, global_batch_size=c.global_batch_size,
+            save=save, train_iters=train_iters, global_batch_size=c.global_batch_size,
             micro_batch_size=c.micro_batch_size, lr=c.lr, min_lr=c.lr / 10,
-            lr_warmup_iters=c.warmup_iters, lr_decay_style="cosine", clip_grad=1.0,
-            eval_interval=c.train_iters // c.curve_points,
-            eval_iters=c.curve_samples // c.global_batch_size,
-            log_interval=max(1, c.train_iters // 8))
-        with self.timed(f"train {run.name}"):
-            trainer = Trainer(train=train, kd=kd, data=self.data,
-                              student=find_checkpoint(self.student_dir(run.student)),
-                              teacher=self.teacher_info if kd is not None else None,
-                              ps=self.ps, seed=c.seed)
-            history = trainer.run().history
+            lr_warmup_iters=warmup_iters, lr_decay_style="cosine", clip_grad=1.0,
+            eval_interval=0, log_interval=max(1, train_iters // 8))
+        return StudyTrainer(train_set=train_set, train=train, kd=kd, data=self.data,
+                            student=find_checkpoint(self.student_dir(run.student)),
+                            teacher=self.teacher_info if kd is not None else None,
+                            ps=self.ps, seed=seed)
+
+    def train_with_curve(self, trainer: Trainer, every: int, student: str) -> tuple[list, list]:
+        """Run ``trainer``, evaluating the curve every ``every`` steps; (history, curve)."""
+        n = self.curve_samples
+        zero = self.results["zero_shot"][student]
+        curve = [{"iteration": 0, **{k: mean_of(v[:n]) for k, v in zero.items()}}]
+
+        def on_step(iteration: int, _metrics) -> None:
+            if iteration % every == 0:
+                curve.append(self.curve_point(trainer, iteration))
+
+        return trainer.run(on_step=on_step).history, curve
+
+    def train(self, run: Run, seed: int) -> None:
+        from minitron_megatron.checkpoint import find_checkpoint, load_checkpoint
+        from minitron_megatron.model.build import build_model
+
+        key = run.key(seed)
+        if key in self.results["runs"]:
+            return
+        c = self.cfg
+        save = self.dir / "runs" / key.replace("@", "-")
+        with self.timed(f"train {key}"):
+            trainer = self.trainer(run, seed, self.train_set(seed, c.train_iters
+                                                             * c.global_batch_size),
+                                   save, c.train_iters, c.warmup_iters)
+            history, curve = self.train_with_curve(trainer, c.train_iters // c.curve_points,
+                                                   run.student)
             del trainer
             gc.collect()
-        with self.timed(f"held-out {run.name}"):
+        with self.timed(f"held-out {key}"):
             info = find_checkpoint(save)
             model = build_model(info.model_config, self.ps, init_weights=False)
             load_checkpoint(info, model=model)
@@ -259,16 +345,18 @@ class Study:
         if not c.keep_checkpoints:
             for path in save.glob("iter_*"):
                 shutil.rmtree(path)
-        self.results["runs"][run.name] = {**dataclasses.asdict(run), "held_out": sums.tolist(),
-                                          "history": history}
+        self.results["runs"][key] = {**dataclasses.asdict(run), "seed": seed, "held_out": sums,
+                                     "history": history, "curve": curve}
         self.save()
 
     def run(self) -> dict:
         started = time.perf_counter()
         self.prepare_assets()
         self.build_students()
-        for run in RUNS:
-            self.train(run)
+        for seed in self.cfg.seeds:  # every run of one seed before the next seed's
+            for run in RUNS:
+                if run.seeded or seed == self.cfg.seed:
+                    self.train(run, seed)
         # over all invocations (a resumed study adds its own time)
         self.results["wall_s"] = round(self.results.get("wall_s", 0.0)
                                        + time.perf_counter() - started, 1)
@@ -289,9 +377,11 @@ def parse_args(argv=None) -> StudyConfig:
     fields = {f.name: f for f in dataclasses.fields(StudyConfig)}
     for name in ("seq_length", "micro_batch_size", "global_batch_size", "train_iters", "lr",
                  "warmup_iters", "eval_samples", "curve_samples", "curve_points",
-                 "calib_samples", "depth_calib_samples", "seed"):
+                 "calib_samples", "depth_calib_samples", "doc_start_samples"):
         p.add_argument(f"--{name.replace('_', '-')}", type=type(fields[name].default),
                        default=None)
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="training-data seeds of the C1/C3 runs (default: 1234 1235 1236)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

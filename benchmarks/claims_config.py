@@ -1,5 +1,5 @@
-"""What the claims study runs (``benchmarks/claims.py``): the students, the retraining runs and
-their shared budgets."""
+"""What the claims study runs (``benchmarks/claims.py`` and the data-scarce C1 study
+``benchmarks/claims_c1.py``): the students, the retraining runs, their seeds and budgets."""
 
 from __future__ import annotations
 
@@ -29,9 +29,14 @@ DEPTH = f"depth {DEPTH_LAYERS} (loss)"
 SCRATCH = "random init"
 
 
+WINDOW_KINDS = ("as_sampled", "doc_start")
+"""Held-out windows every loss is reported on: as the dataset cut them (mostly mid-document)
+and starting at a document's first token."""
+
+
 @dataclass(frozen=True)
 class Run:
-    """One retraining run of the study."""
+    """One retraining run of the study (trained once per seed when ``seeded``)."""
 
     name: str
     student: str
@@ -40,17 +45,22 @@ class Run:
 
     claims: tuple[str, ...]
 
+    seeded: bool = False
+    """Trained with every seed of the study (the runs that decide C1 and C3); else the first."""
+
+    def key(self, seed: int) -> str:
+        return f"{self.name}@{seed}"
+
 
 RUNS = (
-    Run("width-kd", DEFAULT_WIDTH, "forward KL", ("C1", "C3", "C5", "C7")),
-    Run("width-ce", DEFAULT_WIDTH, "CE", ("C1",)),
+    Run("width-kd", DEFAULT_WIDTH, "forward KL", ("C1", "C3", "C7"), seeded=True),
+    Run("width-ce", DEFAULT_WIDTH, "CE", ("C1",), seeded=True),
+    Run("depth-kd", DEPTH, "forward KL", ("C3",), seeded=True),
     Run("scratch-ce", SCRATCH, "CE", ("C1",)),
-    Run("depth-kd", DEPTH, "forward KL", ("C3",)),
-    *(Run(f"width-{b}-{s}-kd", width_student(b, s), "forward KL", ("C5",))
-      for b, s in AGGREGATIONS[1:]),
     Run("width-rkl", DEFAULT_WIDTH, "reverse KL", ("C7",)),
     Run("width-kl-ce", DEFAULT_WIDTH, "KL+CE", ("C7",)),
 )
+RUN = {r.name: r for r in RUNS}
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -102,20 +112,28 @@ class StudyConfig:
     keep_checkpoints: bool = False
     """Keep the retrained checkpoints (≈ 0.8 GB each with the optimizer state)."""
 
-    seed: int = 1234
+    doc_start_samples: int = 64
+    """Held-out windows that start at a document (the ``doc_start`` kind), every loss."""
+
+    seeds: tuple[int, ...] = (1234, 1235, 1236)
+    """Seeds of the training-data order (and of the random init) of the seeded runs; the first
+    one also orders every other run, the calibration and the held-out sets (fixed for all)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "output_dir", Path(self.output_dir))
+        object.__setattr__(self, "seeds", tuple(self.seeds))
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("--seeds must be distinct integers (at least one).")
         for name in ("seq_length", "micro_batch_size", "global_batch_size", "train_iters",
                      "eval_samples", "curve_samples", "curve_points", "calib_samples",
-                     "depth_calib_samples"):
+                     "depth_calib_samples", "doc_start_samples"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive.")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError("--global-batch-size must be a multiple of --micro-batch-size.")
-        if self.curve_samples % self.global_batch_size or self.curve_samples > self.eval_samples:
-            raise ValueError("--curve-samples must be a multiple of --global-batch-size and at "
-                             "most --eval-samples (they are the first held-out samples).")
+        if self.curve_samples > min(self.eval_samples, self.doc_start_samples):
+            raise ValueError("--curve-samples must be at most --eval-samples and "
+                             "--doc-start-samples (they are the first held-out windows).")
         if self.train_iters % self.curve_points:
             raise ValueError(f"--train-iters {self.train_iters} must be a multiple of "
                              f"--curve-points {self.curve_points} (evenly spaced evaluations).")
@@ -127,9 +145,67 @@ class StudyConfig:
         """The same path on a tiny slice (CI smoke test)."""
         return cls(**{**dict(seq_length=64, micro_batch_size=2, global_batch_size=2,
                              train_iters=2, warmup_iters=1, eval_samples=4, curve_samples=2,
-                             curve_points=1, calib_samples=4, depth_calib_samples=2), **kw})
+                             curve_points=1, calib_samples=4, depth_calib_samples=2,
+                             doc_start_samples=4), **kw})
+
+    @property
+    def seed(self) -> int:
+        """The base seed: calibration, held-out sets, and the runs trained once."""
+        return self.seeds[0]
 
     def to_dict(self) -> dict:
-        return {k: str(v) if isinstance(v, Path) else v
+        return {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
                 for k, v in dataclasses.asdict(self).items()
                 if k not in ("output_dir", "keep_checkpoints")}
+
+
+REGIMES = ("scarce", "single-pass")
+"""C1 retraining regimes of ``benchmarks/claims_c1.py``: a small fixed training set for many
+epochs, or one long pass over the train split (no sample seen twice)."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class C1Config:
+    """The long C1 study (``benchmarks/claims_c1.py``): the width student of the claims study
+    retrained by KD and by CE, each seed on the same samples, with held-out curves."""
+
+    study_dir: Path
+    """Output directory of ``benchmarks/claims.py`` (its students, held-out sets, schedule)."""
+
+    regime: str = "scarce"
+    """``scarce``: ``train_samples`` fixed samples for ``epochs`` passes; ``single-pass``:
+    ``train_iters`` steps over the train split in each seed's order."""
+
+    train_samples: int = 64
+    """Size of the fixed training set (``scarce``): the first samples of the train split in
+    the base seed's order, the same set for every seed."""
+
+    epochs: int = 5
+    """Passes over the fixed set (``scarce``), each in its own seeded order."""
+
+    train_iters: int = 256
+    """Optimizer steps (``single-pass``)."""
+
+    curve_points: int = 5
+    """Held-out evaluations during training, evenly spaced (plus the zero-shot one)."""
+
+    curve_samples: int = 16
+    """The first held-out windows of each kind, evaluated for the curves."""
+
+    seeds: tuple[int, ...] = (1234, 1235, 1236)
+    """Seeds of the data order (``scarce``: of each epoch's order)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "study_dir", Path(self.study_dir))
+        object.__setattr__(self, "seeds", tuple(self.seeds))
+        if self.regime not in REGIMES:
+            raise ValueError(f"--regime must be one of {', '.join(REGIMES)}.")
+        for name in ("train_samples", "epochs", "train_iters", "curve_points", "curve_samples"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive.")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("--seeds must be distinct integers (at least one).")
+
+    def to_dict(self) -> dict:
+        return {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
