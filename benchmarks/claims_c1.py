@@ -25,7 +25,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import os
 import shutil
 import time
 from collections.abc import Sequence

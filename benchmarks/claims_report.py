@@ -151,8 +151,9 @@ class Report:
         first = self.seeds[0]
         ce, scratch = f"width-ce@{first}", f"scratch-ce@{first}"
         c2 = {k: better(self.final(ce, k), self.final(scratch, k)) for k in WINDOW_KINDS}
-        c2_deltas = ", ".join(f"{KIND_TITLE[k]} {fmt_delta(self.final(ce, k), self.final(scratch, k))}"
-                              for k in WINDOW_KINDS)
+        c2_deltas = ", ".join(
+            f"{KIND_TITLE[k]} {fmt_delta(self.final(ce, k), self.final(scratch, k))}"
+            for k in WINDOW_KINDS)
         return rows + ["", *pairs, "",
                        self.verdict_line("C1 (KD beats CE retraining, every seed)", v1), "",
                        self.verdict_line("C2 (pruned + CE beats random init + CE, first seed)",
