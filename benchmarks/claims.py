@@ -345,8 +345,10 @@ class Study:
         if not c.keep_checkpoints:
             for path in save.glob("iter_*"):
                 shutil.rmtree(path)
-        self.results["runs"][key] = {**dataclasses.asdict(run), "seed": seed, "held_out": sums,
-                                     "history": history, "curve": curve}
+        self.record_run(run, seed, held_out=sums, history=history, curve=curve)
+
+    def record_run(self, run: Run, seed: int, **result) -> None:
+        self.results["runs"][run.key(seed)] = {**dataclasses.asdict(run), "seed": seed, **result}
         self.save()
 
     def run(self) -> dict:

@@ -114,9 +114,7 @@ class C1Study(Study):
         del trainer
         gc.collect()
         shutil.rmtree(save, ignore_errors=True)
-        self.results["runs"][key] = {**dataclasses.asdict(run), "seed": seed, "held_out": sums,
-                                     "history": history, "curve": curve}
-        self.save()
+        self.record_run(run, seed, held_out=sums, history=history, curve=curve)
 
     def run(self) -> dict:
         started = time.perf_counter()

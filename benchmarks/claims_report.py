@@ -69,7 +69,7 @@ def combine(words: list[str]) -> str:
 
 def word(v: str) -> str:
     return {"yes": "held", "no": "did not hold",
-            "tie": "inconclusive (within the margin or the seeds disagree)"}[v]
+            "tie": "inconclusive (not every seed and comparison beyond the margin one way)"}[v]
 
 
 def mean_std(values: list[float]) -> str:
@@ -137,6 +137,20 @@ class Report:
         return rows, {k: combine(v) for k, v in words.items()}
 
     @staticmethod
+    def delta_table(what: str, rows: list[tuple[str, dict]], *, ref: int) -> list[str]:
+        """One row per (label, losses by window kind): each kind's loss and its difference
+        from row ``ref``'s."""
+        base = rows[ref][1]
+        out = [f"| {what} | " + " | ".join(f"{KIND_TITLE[k]} | Δ vs {rows[ref][0]}"
+                                          for k in WINDOW_KINDS) + " |",
+               "|---|" + "---:|---:|" * len(WINDOW_KINDS)]
+        for i, (label, losses) in enumerate(rows):
+            cells = [f"{mean_loss(losses[k]):.3f} | "
+                     + (fmt_delta(losses[k], base[k]) if i != ref else "–") for k in WINDOW_KINDS]
+            out.append(f"| {label} | " + " | ".join(cells) + " |")
+        return out
+
+    @staticmethod
     def verdict_line(claim: str, verdicts: dict[str, str]) -> str:
         kinds = "; ".join(f"{KIND_TITLE[k]}: {word(v)}" for k, v in verdicts.items())
         overall = combine(list(verdicts.values()))
@@ -182,14 +196,9 @@ class Report:
         ref = next((s for s in aggs if s == "width (l2,mean)"), None)
         if ref is None or len(aggs) < 2:
             return ["(students missing)"]
-        rows = ["| aggregation (batch, seq) | " + " | ".join(
-            f"zero-shot, {KIND_TITLE[k]} | Δ vs (l2,mean)" for k in WINDOW_KINDS) + " |",
-            "|---|" + "---:|---:|" * len(WINDOW_KINDS)]
-        for s in aggs:
-            cells = [f"{mean_loss(self.zero[s][k]):.3f} | "
-                     + (fmt_delta(self.zero[s][k], self.zero[ref][k]) if s != ref else "–")
-                     for k in WINDOW_KINDS]
-            rows.append(f"| {s.removeprefix('width ')} | " + " | ".join(cells) + " |")
+        rows = self.delta_table("aggregation (batch, seq): zero-shot loss",
+                                [(s.removeprefix("width "), self.zero[s]) for s in aggs],
+                                ref=aggs.index(ref))
         verdicts = {k: combine([better(self.zero[ref][k], self.zero[s][k])
                                 for s in aggs if s != ref]) for k in WINDOW_KINDS}
         return rows + ["", self.verdict_line(
@@ -200,14 +209,9 @@ class Report:
         keys = [f"{n}@{first}" for n in ("width-kd", "width-rkl", "width-kl-ce")]
         if not all(k in self.runs for k in keys):
             return ["(runs missing)"]
-        rows = ["| run | objective | " + " | ".join(
-            f"{KIND_TITLE[k]} | Δ vs forward KL" for k in WINDOW_KINDS) + " |",
-            "|---|---|" + "---:|---:|" * len(WINDOW_KINDS)]
-        for key in keys:
-            cells = [f"{mean_loss(self.final(key, k)):.3f} | "
-                     + (fmt_delta(self.final(key, k), self.final(keys[0], k))
-                        if key != keys[0] else "–") for k in WINDOW_KINDS]
-            rows.append(f"| {key} | {self.runs[key]['objective']} | " + " | ".join(cells) + " |")
+        rows = self.delta_table(
+            "run (objective)", [(f"{k} ({self.runs[k]['objective']})", self.runs[k]["held_out"])
+                                for k in keys], ref=0)
         verdicts = {k: combine([better(self.final(keys[0], k), self.final(o, k))
                                 for o in keys[1:]]) for k in WINDOW_KINDS}
         return rows + ["", self.verdict_line(
