@@ -230,9 +230,8 @@ def distill(*, student: Checkpoint, train: TrainConfig, data: DataConfig,
     """
     from minitron_megatron.distill.config import KDConfig
     from minitron_megatron.distill.preflight import check_run
-    from minitron_megatron.distill.training import Trainer
-
     from minitron_megatron.distill.teacher_cache import TeacherCache
+    from minitron_megatron.distill.training import Trainer
 
     if teacher is not None and teacher_cache is not None:
         raise UserError("pass either --teacher or --teacher-cache, not both (the cache stands "
@@ -318,8 +317,8 @@ def search(*, load: Checkpoint, scores: Scores | str | Path, config: SearchConfi
         results.best().name
     """
     from minitron_megatron.distill.config import KDConfig
-    from minitron_megatron.importance import Scores
     from minitron_megatron.distill.teacher_cache import TeacherCache
+    from minitron_megatron.importance import Scores
     from minitron_megatron.search import SearchSpace, prepare_search, run_search
 
     parallel = parallel or ParallelConfig()
