@@ -24,7 +24,6 @@ from minitron_megatron.distill.teacher_cache_write import write_teacher_cache
 from minitron_megatron.distill.training import Trainer
 from minitron_megatron.runtime.distributed import LaunchEnv, init_distributed, shutdown
 from minitron_megatron.testing.multiprocess import run_distributed
-from tests import distill_helpers
 
 K, STEPS, GBS, SEQ, PER_SHARD = 8, 3, 8, 32, 10
 RTOL = 1e-5
@@ -99,11 +98,6 @@ def cache_and_steps(env, teacher, student, data_path, root, layouts, live):
     finally:
         shutdown()
     return out
-
-
-@pytest.fixture(scope="module")
-def student_ckpt(tmp_path_factory, llama_ckpt_untied):
-    return distill_helpers.make_student(tmp_path_factory.mktemp("student"), llama_ckpt_untied)
 
 
 @pytest.mark.multiprocess
