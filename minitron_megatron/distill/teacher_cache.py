@@ -35,7 +35,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.distributed as dist
@@ -45,7 +45,9 @@ from minitron_megatron.errors import UserError
 FORMAT = 1
 MANIFEST = "cache.json"
 SHARDS = "shards"
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+CacheDtype = Literal["fp16", "bf16", "fp32"]
+DTYPES = dict(zip(get_args(CacheDtype), (torch.float16, torch.bfloat16, torch.float32),
+                  strict=True))
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -55,7 +57,7 @@ class TeacherCacheConfig:
     top_k: int = 64
     """The teacher's ``k`` largest logits kept per token (a distillation may use any k' ≤ k)."""
 
-    cache_dtype: str = "fp16"
+    cache_dtype: CacheDtype = "fp16"
     """Dtype of the stored logit values (``fp16``, ``bf16`` or ``fp32``); they are stored
     relative to the row's maximum, so fp16's range is never the limit."""
 
@@ -147,8 +149,7 @@ def dense_teacher_logits(values: torch.Tensor, indices: torch.Tensor, like: torc
     ids = indices.transpose(0, 1).to(like.device)  # [s, b, k]
     local = ids - vocab_start
     owned = (local >= 0) & (local < vocab)
-    vals = torch.where(owned, values.transpose(0, 1).to(like.device, like.dtype),
-                       torch.full_like(local, 0, dtype=like.dtype).fill_(low))
+    vals = values.transpose(0, 1).to(like.device, like.dtype).masked_fill(~owned, low)
     # entries of other shards land on column 0 with the lowest value: amax leaves it unchanged
     return out.scatter_reduce_(-1, local.clamp(0, vocab - 1), vals, reduce="amax")
 
@@ -174,7 +175,7 @@ class TeacherCache:
         self.top_k = int(self.manifest["top_k"])
         self.num_samples = int(self.manifest["num_samples"])
         self.per_shard = int(self.manifest["samples_per_shard"])
-        self._open: tuple[int, dict] | None = None
+        self._open: tuple[int, Any] | None = None
 
     def check_covers(self, *, data, num_samples: int, padded_vocab_size: int,
                      top_k: int | None) -> None:
@@ -214,27 +215,38 @@ class TeacherCache:
                             f"{self.manifest['teacher']}, not by a model shaped like "
                             f"{teacher.root}; create the cache from the search's teacher.")
 
-    def read(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Sample ``i``'s ``(values [s, k] fp32, indices [s, k] int64, token digest)``."""
-        from safetensors.torch import load_file
+    def digest(self, i: int) -> int:
+        """The token digest of sample ``i`` as cached."""
+        handle, row = self._row(i)
+        return int(handle.get_slice("digest")[row:row + 1][0])
+
+    def read(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample ``i``'s ``(values [s, k] fp32, indices [s, k] int64)``; only its rows are
+        read from the memory-mapped shard."""
+        handle, row = self._row(i)
+        return (handle.get_slice("values")[row:row + 1][0].float(),
+                handle.get_slice("indices")[row:row + 1][0].long())
+
+    def _row(self, i: int):
+        from safetensors import safe_open
 
         shard = i // self.per_shard
         if self._open is None or self._open[0] != shard:
             start = shard * self.per_shard
             stop = min(start + self.per_shard, self.num_samples)
-            self._open = (shard, load_file(shard_path(self.root, start, stop)))
-        tensors, row = self._open[1], i - shard * self.per_shard
-        return (tensors["values"][row].float(), tensors["indices"][row].long(),
-                int(tensors["digest"][row]))
+            self._open = (shard, safe_open(shard_path(self.root, start, stop), framework="pt"))
+        return self._open[1], i - shard * self.per_shard
 
 
 class CachedTeacherDataset:
     """A training dataset whose samples carry the cached teacher top-k (``teacher_values``,
-    ``teacher_indices``: ``[s, k]``); a sample whose tokens differ from those the cache was
-    computed on raises ``UserError``. Other attributes are the wrapped dataset's."""
+    ``teacher_indices``: ``[s, k]``; only with ``with_teacher``: the last pipeline stage's ranks
+    use them); a sample whose tokens differ from those the cache was computed on raises
+    ``UserError`` on every rank. Other attributes are the wrapped dataset's."""
 
-    def __init__(self, dataset, cache: TeacherCache, top_k: int):
+    def __init__(self, dataset, cache: TeacherCache, top_k: int, *, with_teacher: bool = True):
         self.dataset_wrapped, self.cache, self.top_k = dataset, cache, top_k
+        self.with_teacher = with_teacher
 
     def __len__(self) -> int:
         return len(self.dataset_wrapped)
@@ -244,18 +256,20 @@ class CachedTeacherDataset:
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         sample = self.dataset_wrapped[i]
-        values, indices, digest = self.cache.read(i)
-        if digest != sample_digest(sample["tokens"]):
+        if self.cache.digest(i) != sample_digest(sample["tokens"]):
             raise UserError(f"training sample {i} differs from the one the teacher cache "
                             f"{self.cache.root} was computed on (another corpus, split, seed or "
                             f"number of samples); re-create the cache with the run's flags.")
+        if not self.with_teacher:
+            return sample
+        values, indices = self.cache.read(i)  # [s, K] each, descending: the first k are top-k
         return {**sample, "teacher_values": values[:, :self.top_k],
                 "teacher_indices": indices[:, :self.top_k]}
 
 
 def check_order(cache: TeacherCache, dataset, num_samples: int) -> None:
     """The first and last samples the run reads are the cached ones (before any model)."""
-    wrapped = CachedTeacherDataset(dataset, cache, cache.top_k)
+    wrapped = CachedTeacherDataset(dataset, cache, cache.top_k, with_teacher=False)
     for i in sorted({0, num_samples - 1}):
         wrapped[i]
 

@@ -199,7 +199,8 @@ class Trainer:
         if self.teacher_cache is not None:
             check_order(self.teacher_cache, datasets["train"], needed["train"])
             datasets["train"] = CachedTeacherDataset(datasets["train"], self.teacher_cache,
-                                                     self.kd.top_k)
+                                                     self.kd.top_k,
+                                                     with_teacher=self.ps.is_last_stage)
         return datasets
 
     def _check_data_order(self, resume: CheckpointInfo) -> None:
