@@ -2,8 +2,8 @@
 
 1. **Search time**: the same 4-candidate search (4 shapes within 67M ± 3 %, each distilled for
    ``--candidate-train-iters`` steps) with the live teacher and ``--kd-top-k 64``, and with
-   ``teacher-cache --top-k 64`` once followed by ``search --teacher-cache``. With ``T`` the cache
-   build and ``S`` one candidate of the cached search, the goal is
+   ``teacher-cache --cache-top-k 64`` once followed by ``search --teacher-cache``. With ``T``
+   the cache build and ``S`` one candidate of the cached search, the goal is
    ``(T + search_cached) / search_live ≤ (T + N·S) / (N·(T + S)) × 1.1``.
 2. **Quality of top-k**: one pruned candidate distilled for ``--quality-iters`` steps with the
    full-vocabulary KD, the live ``--kd-top-k k`` and the cached top-k (one k = 256 fp16 cache
@@ -104,7 +104,7 @@ def main(argv=None) -> dict:
         shutil.rmtree(work / stale, ignore_errors=True)  # every time below is a fresh run
     _, live_s = cli([*search, "--save", str(work / "search-live"), "--kd-top-k", "64"])
     _, build_s = cli(["teacher-cache", "--teacher", args.teacher, "--save", str(cache64),
-                      "--top-k", "64", "--train-iters", str(iters),
+                      "--cache-top-k", "64", "--train-iters", str(iters),
                       "--global-batch-size", str(gbs), "--micro-batch-size", "4", *data])
     _, cached_s = cli([*search, "--save", str(work / "search-cached"),
                        "--teacher-cache", str(cache64)])
@@ -129,7 +129,7 @@ def main(argv=None) -> dict:
         / "pruned"
     q = args.quality_iters
     _, build256 = cli(["teacher-cache", "--teacher", args.teacher, "--save", str(cache256),
-                       "--top-k", "256", "--train-iters", str(q),
+                       "--cache-top-k", "256", "--train-iters", str(q),
                        "--global-batch-size", str(gbs), "--micro-batch-size", "4", *data])
     runs = {"full KD": ["--teacher", args.teacher]}
     for k in TOP_K:

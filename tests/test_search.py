@@ -235,7 +235,7 @@ def test_search_from_a_teacher_cache_ranks_as_the_live_top_k_search(assets, tmp_
     cache = tmp_path / "cache"
     cli.main(["teacher-cache", "--teacher", assets["teacher"], "--save", str(cache),
               "--data-path", assets["data"], "--seq-length", "32", "--train-iters", str(ITERS),
-              "--global-batch-size", "4", "--micro-batch-size", "2", "--top-k", "8",
+              "--global-batch-size", "4", "--micro-batch-size", "2", "--cache-top-k", "8",
               "--cache-dtype", "fp32"])
     cli.main(search_args(assets, tmp_path / "cached", "--teacher-cache", str(cache)))
     live, cached = (json.loads((tmp_path / d / "search_results.json").read_text())

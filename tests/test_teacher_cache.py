@@ -74,7 +74,7 @@ def cache_and_steps(env, teacher, student, data_path, root, layouts, live):
             cache_dir = f"{root}/cache-{tp}{pp}"
             write_teacher_cache(find_checkpoint(teacher), ps, data, num_samples=STEPS * GBS,
                                 micro_batch_size=2, save=cache_dir,
-                                config=TeacherCacheConfig(top_k=K, cache_dtype="fp32",
+                                config=TeacherCacheConfig(top_k=K, dtype="fp32",
                                                           samples_per_shard=PER_SHARD))
             from safetensors.torch import load_file
 
@@ -130,8 +130,8 @@ def test_cached_distillation_matches_the_live_top_k_at_every_layout(
 def cache_args(teacher, data, save, *extra, iters=STEPS, k=K):
     return ["teacher-cache", "--teacher", str(teacher), "--save", str(save), "--data-path", data,
             "--seq-length", str(SEQ), "--train-iters", str(iters), "--global-batch-size",
-            str(GBS), "--micro-batch-size", "2", "--top-k", str(k), "--samples-per-shard",
-            str(PER_SHARD), *extra]
+            str(GBS), "--micro-batch-size", "2", "--cache-top-k", str(k),
+            "--cache-samples-per-shard", str(PER_SHARD), *extra]
 
 
 def distill_args(cache, student, data, save, *extra, iters=STEPS):

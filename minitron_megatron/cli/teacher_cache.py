@@ -16,9 +16,12 @@ from minitron_megatron.cli.common import (
     params_dtype,
 )
 from minitron_megatron.cli.options import ConfigOptions
+from minitron_megatron.distill.config import TrainConfig
 from minitron_megatron.distill.teacher_cache import TeacherCacheConfig
 
-CACHE = ConfigOptions(TeacherCacheConfig)
+CACHE = ConfigOptions(TeacherCacheConfig, prefix="cache-")
+SAMPLES = ConfigOptions(TrainConfig, only=("train_iters", "global_batch_size", "micro_batch_size"))
+"""The distillation's own flags: its samples, in its order (and the teacher's micro-batch)."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,13 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                  "incomplete cache of the same settings)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a cache of other settings (or other files) in --save")
-    g = p.add_argument_group("the samples (the distillation's own flags: the same order)")
-    g.add_argument("--train-iters", type=int, required=True,
-                   help="steps of the distillation(s) that will read the cache")
-    g.add_argument("--global-batch-size", type=int, required=True,
-                   help="samples per step of those distillations")
-    g.add_argument("--micro-batch-size", type=int, default=1,
-                   help="samples per teacher forward pass (default: 1)")
+    SAMPLES.add(p.add_argument_group("the samples (the distillation's own flags: the same "
+                                     "order)"))
     CACHE.add(p.add_argument_group("cache"))
     add_params_dtype(p, auto=True)
     add_data_args(p)

@@ -57,7 +57,7 @@ class TeacherCacheConfig:
     top_k: int = 64
     """The teacher's ``k`` largest logits kept per token (a distillation may use any k' ≤ k)."""
 
-    cache_dtype: CacheDtype = "fp16"
+    dtype: CacheDtype = "fp16"
     """Dtype of the stored logit values (``fp16``, ``bf16`` or ``fp32``); they are stored
     relative to the row's maximum, so fp16's range is never the limit."""
 
@@ -66,17 +66,17 @@ class TeacherCacheConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.top_k, int) or self.top_k <= 0:
-            raise UserError(f"--top-k must be a positive integer, got {self.top_k!r}.")
-        if self.cache_dtype not in DTYPES:
+            raise UserError(f"--cache-top-k must be a positive integer, got {self.top_k!r}.")
+        if self.dtype not in DTYPES:
             raise UserError(f"--cache-dtype must be one of {', '.join(DTYPES)}, got "
-                            f"{self.cache_dtype!r}.")
+                            f"{self.dtype!r}.")
         if self.samples_per_shard <= 0:
-            raise UserError(f"--samples-per-shard must be positive, got "
+            raise UserError(f"--cache-samples-per-shard must be positive, got "
                             f"{self.samples_per_shard}.")
 
     @property
     def bytes_per_token(self) -> int:
-        return self.top_k * (DTYPES[self.cache_dtype].itemsize + 4) + 4
+        return self.top_k * (DTYPES[self.dtype].itemsize + 4) + 4
 
 
 def sample_digest(tokens: torch.Tensor) -> int:
@@ -199,7 +199,7 @@ class TeacherCache:
         if top_k is not None and top_k > self.top_k:
             raise UserError(f"--kd-top-k {top_k} exceeds the teacher cache's k = {self.top_k}; "
                             f"use --kd-top-k ≤ {self.top_k} or re-create the cache with a larger "
-                            f"--top-k.")
+                            f"--cache-top-k.")
         missing = [shard_path(self.root, a, b).name
                    for a, b in shard_ranges(self.num_samples, self.per_shard)
                    if a < num_samples and not shard_path(self.root, a, b).is_file()]
@@ -282,8 +282,8 @@ def check_disk(root: str | Path, needed_bytes: int) -> None:
     free = shutil.disk_usage(probe).free
     if needed_bytes > free:
         raise UserError(f"the teacher cache needs {human_bytes(needed_bytes)} in {root} but "
-                        f"only {human_bytes(free)} are free; lower --top-k, use --cache-dtype "
-                        f"fp16/bf16, cache fewer samples, or free space.")
+                        f"only {human_bytes(free)} are free; lower --cache-top-k, use "
+                        f"--cache-dtype fp16/bf16, cache fewer samples, or free space.")
 
 
 def human_bytes(n: int) -> str:

@@ -56,7 +56,7 @@ def check_teacher_cache(*, teacher, data, num_samples: int, config: TeacherCache
         raise UserError(f"--train-iters × --global-batch-size must be positive, got "
                         f"{num_samples} samples.")
     if config.top_k > cfg.padded_vocab_size:
-        raise UserError(f"--top-k {config.top_k} exceeds the teacher's vocabulary "
+        raise UserError(f"--cache-top-k {config.top_k} exceeds the teacher's vocabulary "
                         f"({cfg.padded_vocab_size}); choose a smaller k.")
     cfg.check_parallel(tensor_parallel=parallel.tensor_model_parallel_size,
                        pipeline_parallel=parallel.pipeline_model_parallel_size)
@@ -118,10 +118,10 @@ def write_teacher_cache(info, ps, data, *, num_samples: int, micro_batch_size: i
     if ps.rank == 0:
         log.info("teacher cache %s: %d of %d shards to compute (k = %d, %s, %d bytes/token)",
                  root, len(box[0]), len(shard_ranges(num_samples, config.samples_per_shard)),
-                 k, config.cache_dtype, config.bytes_per_token)
+                 k, config.dtype, config.bytes_per_token)
     model = build_model(cfg, ps, params_dtype=params_dtype, init_weights=False)
     load_checkpoint(info, model=model)
-    dtype = DTYPES[config.cache_dtype]
+    dtype = DTYPES[config.dtype]
 
     def top_k_of(batch, logits):  # logits [b, s, V/tp] → this micro-batch's real samples
         b, s, vocab = logits.shape

@@ -101,7 +101,7 @@ def search_settings(*, teacher: CheckpointInfo, scores: Scores, space: SearchSpa
         "space": {axis: list(getattr(space, axis)) for axis in AXES},
         "train": train_fields, "kd": dataclasses.asdict(kd), "data": data_fields,
         "params_dtype": str(params_dtype).removeprefix("torch."), "seed": seed,
-        **({"teacher_cache_dtype": teacher_cache.manifest["cache_dtype"]}
+        **({"teacher_cache_dtype": teacher_cache.manifest["dtype"]}
            if teacher_cache is not None else {})})
 
 
