@@ -63,13 +63,20 @@ def fmt_delta(a, b) -> str:
 
 
 def combine(words: list[str]) -> str:
-    """One verdict from several comparisons (seeds): only a unanimous one counts."""
+    """One verdict from repeats of one comparison (seeds, window kinds): only a unanimous one
+    counts."""
     return words[0] if len(set(words)) == 1 else "tie"
+
+
+def best_of(words: list[str]) -> str:
+    """"a is the best": each of a's comparisons with the alternatives. One alternative clearly
+    better refutes it; it holds only when a is clearly better than every one."""
+    return "no" if "no" in words else "tie" if "tie" in words else "yes"
 
 
 def word(v: str) -> str:
     return {"yes": "held", "no": "did not hold",
-            "tie": "inconclusive (not every seed and comparison beyond the margin one way)"}[v]
+            "tie": "inconclusive (within the margin, or the seeds or window kinds disagree)"}[v]
 
 
 def mean_std(values: list[float]) -> str:
@@ -199,7 +206,7 @@ class Report:
         rows = self.delta_table("aggregation (batch, seq): zero-shot loss",
                                 [(s.removeprefix("width "), self.zero[s]) for s in aggs],
                                 ref=aggs.index(ref))
-        verdicts = {k: combine([better(self.zero[ref][k], self.zero[s][k])
+        verdicts = {k: best_of([better(self.zero[ref][k], self.zero[s][k])
                                 for s in aggs if s != ref]) for k in WINDOW_KINDS}
         return rows + ["", self.verdict_line(
             "C5 ((l2, mean) is the best aggregation, zero-shot)", verdicts)]
@@ -212,7 +219,7 @@ class Report:
         rows = self.delta_table(
             "run (objective)", [(f"{k} ({self.runs[k]['objective']})", self.runs[k]["held_out"])
                                 for k in keys], ref=0)
-        verdicts = {k: combine([better(self.final(keys[0], k), self.final(o, k))
+        verdicts = {k: best_of([better(self.final(keys[0], k), self.final(o, k))
                                 for o in keys[1:]]) for k in WINDOW_KINDS}
         return rows + ["", self.verdict_line(
             "C7 (forward KL on the logits alone is the best logit loss, first seed)", verdicts)]
