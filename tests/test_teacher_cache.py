@@ -167,11 +167,15 @@ def test_cli_cache_then_distill_reads_it(cli_cache, student_ckpt, tiny_dataset, 
     payload = sum(f.stat().st_size for f in files)
     assert payload >= STEPS * GBS * SEQ * manifest["bytes_per_token"]
     main(distill_args(cli_cache, student_ckpt, tiny_dataset, tmp_path / "kd",
-                      "--log-interval", "1"))
+                      "--log-interval", "1", "--eval-interval", "1", "--eval-iters", "1"))
     metrics = [json.loads(line) for line in
                (tmp_path / "kd" / "metrics.jsonl").read_text().splitlines()]
     kd = [m["kd_loss"] for m in metrics if "kd_loss" in m]
     assert len(kd) == STEPS and kd[-1] < kd[0]
+    # held-out samples are not cached: their evaluation is the student's CE alone
+    evals = [m for m in metrics if "val_loss" in m]
+    assert len(evals) == STEPS + 1 and not any("val_kd_loss" in m for m in evals)
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
     run_config = json.loads(next((tmp_path / "kd").glob("iter_*/run_config.json")).read_text())
     assert run_config["teacher"] is None and run_config["kd"]["top_k"] == K
 
