@@ -7,6 +7,7 @@ The one-call Python API (``minitron_megatron.api``), imported on first use so th
 ``import minitron_megatron`` stays light::
 
     from minitron_megatron import estimate_importance, prune, distill, search, evaluate
+    from minitron_megatron import teacher_cache   # the teacher's top-k, once, for distill/search
 """
 
 import sys
@@ -14,7 +15,7 @@ import types
 
 __version__ = "0.1.0"
 
-_API = ("estimate_importance", "prune", "distill", "search", "evaluate")
+_API = ("estimate_importance", "prune", "distill", "search", "evaluate", "teacher_cache")
 __all__ = ["__version__", *_API]
 
 

@@ -14,6 +14,7 @@ Example::
     from minitron_megatron import estimate_importance, prune, distill, evaluate
     from minitron_megatron.data.loaders import DataConfig
     from minitron_megatron.distill.config import KDConfig, TrainConfig
+    from minitron_megatron.distill.teacher_cache import TeacherCacheConfig
     from minitron_megatron.evaluate import EvalConfig
     from minitron_megatron.importance.config import CalibrationConfig
     from minitron_megatron.pruning import PruneTargets
@@ -52,6 +53,7 @@ if TYPE_CHECKING:  # the heavy modules load on first call
     from minitron_megatron.checkpoint import CheckpointInfo
     from minitron_megatron.data.loaders import DataConfig
     from minitron_megatron.distill.config import KDConfig, TrainConfig
+    from minitron_megatron.distill.teacher_cache import TeacherCacheConfig
     from minitron_megatron.distill.training import RunResult
     from minitron_megatron.evaluate import EvalConfig, EvalResult
     from minitron_megatron.importance import ImportanceConfig, Scores
@@ -62,7 +64,8 @@ if TYPE_CHECKING:  # the heavy modules load on first call
 
     Checkpoint = str | Path | CheckpointInfo
 
-__all__ = ["PruneResult", "distill", "estimate_importance", "evaluate", "prune", "search"]
+__all__ = ["PruneResult", "distill", "estimate_importance", "evaluate", "prune", "search",
+           "teacher_cache"]
 
 
 def launch_env() -> LaunchEnv:
@@ -205,13 +208,16 @@ def prune(*, load: Checkpoint, scores: Scores | str | Path, targets: PruneTarget
 def distill(*, student: Checkpoint, train: TrainConfig, data: DataConfig,
             teacher: Checkpoint | None = None, kd: KDConfig | None = None,
             parallel: ParallelConfig | None = None, params_dtype: torch.dtype | None = None,
-            launch: LaunchEnv | None = None) -> RunResult:
+            launch: LaunchEnv | None = None,
+            teacher_cache: str | Path | None = None) -> RunResult:
     """Distill checkpoint ``student`` from the frozen ``teacher`` with the ``kd`` objective (a
     ``KDConfig``; default: forward KL, τ = 1) and the ``train`` schedule (a ``TrainConfig``:
     run directory, steps, batch, optimizer); with ``teacher=None`` (and no ``kd``) fine-tune
     with cross entropy instead. ``params_dtype=None``: bf16 on GPU, fp32 on CPU. Resumes from
     ``train.load``. Returns the ``RunResult`` (final state, per-step history, and whether a
-    signal stopped it after saving).
+    signal stopped it after saving). ``teacher_cache`` (a directory ``teacher_cache`` wrote)
+    stands in for ``teacher``: the KD loss reads the teacher's cached top-k logits and no
+    teacher model is built.
 
     Example::
 
@@ -224,13 +230,18 @@ def distill(*, student: Checkpoint, train: TrainConfig, data: DataConfig,
     """
     from minitron_megatron.distill.config import KDConfig
     from minitron_megatron.distill.preflight import check_run
+    from minitron_megatron.distill.teacher_cache import TeacherCache
     from minitron_megatron.distill.training import Trainer
 
-    if teacher is None and kd is not None:
+    if teacher is not None and teacher_cache is not None:
+        raise UserError("pass either --teacher or --teacher-cache, not both (the cache stands "
+                        "in for the teacher).")
+    if teacher is None and teacher_cache is None and kd is not None:
         raise UserError("a KD objective needs a teacher; pass teacher=..., or kd=None to "
                         "fine-tune with cross entropy.")
-    if teacher is not None and kd is None:
+    if (teacher is not None or teacher_cache is not None) and kd is None:
         kd = KDConfig()
+    cache = TeacherCache(teacher_cache) if teacher_cache is not None else None
     parallel = parallel or ParallelConfig()
     params_dtype = params_dtype or default_params_dtype()
     launch = launch if launch is not None else launch_env()
@@ -238,25 +249,63 @@ def distill(*, student: Checkpoint, train: TrainConfig, data: DataConfig,
     teacher_info = _checkpoint(teacher) if teacher is not None else None
     check_run(student=student_info, teacher=teacher_info, kd=kd, train=train, parallel=parallel,
               world_size=launch.world_size, params_dtype=params_dtype,
-              seq_length=data.seq_length)
+              seq_length=data.seq_length, teacher_cache=cache, data=data)
     with run_distributed(parallel, launch) as ps:
         return Trainer(train=train, kd=kd, data=data, student=student_info,
                        teacher=teacher_info, ps=ps, params_dtype=params_dtype,
-                       seed=parallel.seed).run()
+                       seed=parallel.seed, teacher_cache=cache).run()
+
+
+def teacher_cache(*, load: Checkpoint, data: DataConfig, num_samples: int, save: str | Path,
+                  config: TeacherCacheConfig | None = None, micro_batch_size: int = 1,
+                  overwrite: bool = False, parallel: ParallelConfig | None = None,
+                  params_dtype: torch.dtype | None = None,
+                  launch: LaunchEnv | None = None) -> Path:
+    """Run teacher checkpoint ``load`` once over training samples ``0..num_samples−1`` of
+    ``data`` (a distillation's ``train_iters × global_batch_size``, in its data order) and write
+    their top-k logits to ``save`` (``config``: a ``TeacherCacheConfig``, k = 64 fp16 by
+    default), at ``parallel``'s TP × PP × DP. Resumes a cache left incomplete in ``save``.
+    ``distill(teacher_cache=save, ...)`` and ``search(teacher_cache=save, ...)`` then read it
+    instead of running the teacher. Returns ``save``.
+
+    Example::
+
+        teacher_cache(load="ckpt/teacher", save="runs/teacher-cache", num_samples=400 * 256,
+                      data=DataConfig(data_path="data/wiki", seq_length=4096),
+                      config=TeacherCacheConfig(top_k=64), micro_batch_size=4)
+    """
+    from minitron_megatron.distill.teacher_cache import TeacherCacheConfig
+    from minitron_megatron.distill.teacher_cache_write import (
+        check_teacher_cache,
+        write_teacher_cache,
+    )
+
+    config = config or TeacherCacheConfig()
+    parallel = parallel or ParallelConfig()
+    info = _checkpoint(load)
+    check_teacher_cache(teacher=info, data=data, num_samples=num_samples, config=config,
+                        save=save, overwrite=overwrite, parallel=parallel)
+    with run_distributed(parallel, launch) as ps:
+        return write_teacher_cache(info, ps, data, num_samples=num_samples,
+                                   micro_batch_size=micro_batch_size, config=config, save=save,
+                                   overwrite=overwrite,
+                                   params_dtype=params_dtype or default_params_dtype())
 
 
 def search(*, load: Checkpoint, scores: Scores | str | Path, config: SearchConfig,
            train: TrainConfig, data: DataConfig, kd: KDConfig | None = None,
            space: SearchSpace | str | Path | None = None, parallel: ParallelConfig | None = None,
-           params_dtype: torch.dtype | None = None,
-           launch: LaunchEnv | None = None) -> SearchResults:
+           params_dtype: torch.dtype | None = None, launch: LaunchEnv | None = None,
+           teacher_cache: str | Path | None = None) -> SearchResults:
     """Architecture search from teacher checkpoint ``load``: every shape of ``space`` (a
     ``SearchSpace``, its YAML file, or ``None`` for the default choices per axis) within
     ``config``'s parameter budget (a ``SearchConfig``) is pruned by ``scores``, distilled for
     ``train.train_iters`` steps (``train`` a ``TrainConfig``, ``kd`` a ``KDConfig``) and ranked
     by its held-out loss. Resumes a search in ``config.save``. Returns the ``SearchResults``
     (also written to ``search_results.{json,md}``); a SIGTERM/SIGINT raises ``RunInterrupted``
-    after saving.
+    after saving. With ``teacher_cache`` (the teacher's top-k written by ``teacher_cache`` for
+    the same training samples) every candidate distills from it instead of running the
+    teacher.
 
     Example::
 
@@ -268,6 +317,7 @@ def search(*, load: Checkpoint, scores: Scores | str | Path, config: SearchConfi
         results.best().name
     """
     from minitron_megatron.distill.config import KDConfig
+    from minitron_megatron.distill.teacher_cache import TeacherCache
     from minitron_megatron.importance import Scores
     from minitron_megatron.search import SearchSpace, prepare_search, run_search
 
@@ -287,7 +337,8 @@ def search(*, load: Checkpoint, scores: Scores | str | Path, config: SearchConfi
     plan = prepare_search(teacher=teacher, scores=scores, space=space, search=config,
                           train=train, kd=kd or KDConfig(), data=data, parallel=parallel,
                           world_size=launch.world_size, params_dtype=params_dtype,
-                          seed=parallel.seed)
+                          seed=parallel.seed,
+                          teacher_cache=TeacherCache(teacher_cache) if teacher_cache else None)
     with run_distributed(parallel, launch) as ps:
         return run_search(plan, ps, params_dtype=params_dtype, seed=parallel.seed)
 

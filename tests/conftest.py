@@ -91,3 +91,11 @@ def gpt_ckpt(tmp_path_factory, tiny_tokenizer):
     """A tiny random GPT-2-style checkpoint (LayerNorm, gelu, learned positions, biases, tied)."""
     return factories.make_gpt_checkpoint(tmp_path_factory.mktemp("ck_gpt"),
                                          tokenizer=tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def student_ckpt(tmp_path_factory, llama_ckpt_untied):
+    """A random student of the untied tiny Llama (hidden 32, 2 layers, its tokenizer)."""
+    from tests import distill_helpers
+
+    return distill_helpers.make_student(tmp_path_factory.mktemp("student"), llama_ckpt_untied)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+TWO_STUDIES = pytest.mark.timeout(900)  # the claims study and the C1 study, one after the other
 
 ROOT = Path(__file__).resolve().parents[1]
 VERDICT = re.compile(r"\*\*C\d[^*]*: (held|did not hold|inconclusive \([^)]*\))\*\*")
@@ -39,6 +40,7 @@ def check_report(report: str, stdout: str) -> None:
     assert "as sampled" in report and "document start" in report
 
 
+@TWO_STUDIES
 def test_claims_quick(smollm2_ckpt, wiki_dataset, tmp_path):
     from benchmarks.claims import RUNS, SCRATCH, WINDOW_KINDS
     from benchmarks.claims_report import PLOTS, mean_loss

@@ -16,6 +16,7 @@ import pytest
 import minitron_megatron
 from minitron_megatron.cli import build_parser, common, distill, evaluate, importance, prune
 from minitron_megatron.cli import search as search_cli
+from minitron_megatron.cli import teacher_cache as teacher_cache_cli
 from minitron_megatron.cli.options import ConfigOptions, field_docs
 
 PACKAGE = Path(minitron_megatron.__file__).resolve().parent  # the source tree or site-packages
@@ -48,7 +49,8 @@ def test_every_option_of_every_subcommand_has_help():
 
 CONFIG_OPTIONS = [common.PARALLEL, common.DATA, common.KD, common.SCHEDULE, distill.TRAIN,
                   search_cli.SEARCH, prune.TARGETS, importance.IMPORTANCE,
-                  importance.CALIBRATION, evaluate.EVAL, prune.RECONSTRUCT]
+                  importance.CALIBRATION, evaluate.EVAL, prune.RECONSTRUCT,
+                  teacher_cache_cli.CACHE]
 
 
 @pytest.mark.parametrize("options", CONFIG_OPTIONS, ids=lambda o: o.cls.__name__)

@@ -13,7 +13,6 @@ from minitron_megatron.distill.training import Trainer
 from minitron_megatron.model.build import count_parameters
 from minitron_megatron.runtime.distributed import LaunchEnv, init_distributed, shutdown
 from minitron_megatron.testing.multiprocess import run_distributed
-from tests import distill_helpers
 
 RTOL = 1e-5
 STEPS = 3
@@ -58,11 +57,6 @@ def kd_steps(env, teacher, student, data_path, save_root, layouts, objectives):
     finally:
         shutdown()
     return out
-
-
-@pytest.fixture(scope="module")
-def student_ckpt(tmp_path_factory, llama_ckpt_untied):
-    return distill_helpers.make_student(tmp_path_factory.mktemp("student"), llama_ckpt_untied)
 
 
 @pytest.mark.multiprocess

@@ -54,10 +54,11 @@ def test_import_is_light_and_names_are_the_api():
             "evaluate; "
             "assert all(callable(f) and f is getattr(api, f.__name__) and f.__doc__ "
             "and 'Example::' in f.__doc__ for f in "
-            "(estimate_importance, prune, distill, search, evaluate)); "
+            "(estimate_importance, prune, distill, search, evaluate, m.teacher_cache)); "
             "from minitron_megatron.search import SearchConfig; "
             "assert m.search is search and sorted(m.__all__) == sorted(['__version__', "
-            "'estimate_importance', 'prune', 'distill', 'search', 'evaluate'])")
+            "'estimate_importance', 'prune', 'distill', 'search', 'evaluate', "
+            "'teacher_cache'])")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 

@@ -227,6 +227,32 @@ def test_resume_with_another_top_k_keeps_every_recorded_loss(single, assets, tmp
     assert kept == [after["best"]["name"]]
 
 
+def test_search_from_a_teacher_cache_ranks_as_the_live_top_k_search(assets, tmp_path, capsys):
+    """Every candidate distilled from the cached top-k ends at the loss the live teacher with
+    --kd-top-k gives; a cache of another teacher is refused in one line."""
+    top_k = ["--kd-top-k", "8"]
+    cli.main(search_args(assets, tmp_path / "live", *top_k))
+    cache = tmp_path / "cache"
+    cli.main(["teacher-cache", "--teacher", assets["teacher"], "--save", str(cache),
+              "--data-path", assets["data"], "--seq-length", "32", "--train-iters", str(ITERS),
+              "--global-batch-size", "4", "--micro-batch-size", "2", "--cache-top-k", "8",
+              "--cache-dtype", "fp32"])
+    cli.main(search_args(assets, tmp_path / "cached", "--teacher-cache", str(cache)))
+    live, cached = (json.loads((tmp_path / d / "search_results.json").read_text())
+                    for d in ("live", "cached"))
+    assert cached["settings"]["kd"]["top_k"] == 8
+    for name, (zero, post) in _losses(live).items():
+        assert _losses(cached)[name][0] == zero
+        assert _losses(cached)[name][1] == pytest.approx(post, rel=1e-5), name
+    manifest = json.loads((cache / "cache.json").read_text())
+    manifest["teacher_config"]["rotary_base"] = 500.0
+    (cache / "cache.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli.main(search_args(assets, tmp_path / "other", "--teacher-cache", str(cache)))
+    assert "not by a model shaped like" in capsys.readouterr().err
+
+
 def test_sigterm_mid_candidate_saves_its_distillation_and_resume_finishes_the_search(
         single, assets, tmp_path, monkeypatch, capsys):
     """A real SIGTERM during the second candidate's distillation: it finishes the step, saves,

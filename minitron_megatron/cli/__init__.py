@@ -16,10 +16,11 @@ from minitron_megatron.cli import (
     importance,
     prune,
     search,
+    teacher_cache,
 )
 from minitron_megatron.errors import UserError
 
-COMMANDS = (convert, data, importance, prune, search, distill, evaluate, demo)
+COMMANDS = (convert, data, importance, prune, search, teacher_cache, distill, evaluate, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,7 +31,11 @@ TRAIN = ConfigOptions(TrainConfig, skip=("use_distributed_optimizer",), aliases=
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("distill", help="distill a student from a frozen teacher (logit KD)")
-    p.add_argument("--teacher", required=True, help="teacher checkpoint (frozen)")
+    teacher = p.add_mutually_exclusive_group(required=True)
+    teacher.add_argument("--teacher", help="teacher checkpoint (frozen)")
+    teacher.add_argument("--teacher-cache", default=None, metavar="DIR",
+                         help="the teacher's top-k logits from `minitron teacher-cache` for this "
+                              "run's samples, read instead of running the teacher")
     p.add_argument("--student", required=True, help="student checkpoint to start from")
     _add_training_args(p)
     KD.add(p.add_argument_group("distillation"))
@@ -53,7 +57,8 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     add_parallel_args(p)
 
 
-def _run(args, *, student_path: str, teacher_path: str | None, kd) -> None:
+def _run(args, *, student_path: str, teacher_path: str | None, kd,
+         teacher_cache: str | None = None) -> None:
     from minitron_megatron.api import distill
     from minitron_megatron.runtime.signals import EXIT_INTERRUPTED
 
@@ -61,7 +66,8 @@ def _run(args, *, student_path: str, teacher_path: str | None, kd) -> None:
     launch = launch_env()
     result = distill(student=student_path, teacher=teacher_path, train=train, kd=kd,
                      data=data_config(args), parallel=parallel_config(args),
-                     params_dtype=params_dtype(args), launch=launch)
+                     params_dtype=params_dtype(args), launch=launch,
+                     teacher_cache=teacher_cache)
     if launch.rank == 0:  # one JSON summary line, like evaluate / importance / prune
         evals = [h for h in result.history if "val_loss" in h]
         summary = {"save": str(train.save), "iteration": result.state.iteration}
@@ -80,7 +86,8 @@ def _run(args, *, student_path: str, teacher_path: str | None, kd) -> None:
 
 
 def run_distill(args: argparse.Namespace) -> None:
-    _run(args, student_path=args.student, teacher_path=args.teacher, kd=KD.build(args))
+    _run(args, student_path=args.student, teacher_path=args.teacher, kd=KD.build(args),
+         teacher_cache=args.teacher_cache)
 
 
 def run_finetune(args: argparse.Namespace) -> None:

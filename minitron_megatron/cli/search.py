@@ -50,6 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--candidate-train-iters", type=int, default=400,
                    help="distillation steps per candidate (the paper: rankings settle after "
                         "~300-400) (default: 400)")
+    g.add_argument("--teacher-cache", default=None, metavar="DIR",
+                   help="the teacher's top-k logits from `minitron teacher-cache` for the "
+                        "candidates' training samples: every candidate distills from them "
+                        "instead of running the teacher")
     g.add_argument("--candidate-eval-iters", type=int, default=1,
                    help="global batches of held-out samples every loss is measured on "
                         "(default: 1)")
@@ -76,7 +80,8 @@ def run(args: argparse.Namespace) -> None:
     try:
         search(load=teacher, scores=scores, config=SEARCH.build(args), train=train,
                kd=KD.build(args), data=data_config(args), space=args.search_space,
-               parallel=parallel_config(args), params_dtype=params_dtype(args), launch=launch)
+               parallel=parallel_config(args), params_dtype=params_dtype(args), launch=launch,
+               teacher_cache=args.teacher_cache)
     except RunInterrupted as stop:
         if launch.rank == 0:
             print(f"minitron search: {stop}", file=sys.stderr, flush=True)

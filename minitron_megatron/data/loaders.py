@@ -21,6 +21,8 @@ from minitron_megatron.config import DEFAULT_SEED
 from minitron_megatron.errors import MissingInputError, UserError
 
 SPLITS = ("train", "valid", "test")
+CARRIED = ("teacher_values", "teacher_indices")
+"""Per-sample tensors a wrapped dataset may add (a teacher cache's top-k), batched too."""
 _SCAN_CHUNK = 1 << 26  # tokens per step of the token-id scan (128 MiB of uint16)
 
 
@@ -207,8 +209,9 @@ def micro_batches(dataset, sample_ids: Sequence[int], micro_batch_size: int
         samples = [dataset[i] for i in chunk]
         real = len(samples)
         samples += [samples[0]] * (micro_batch_size - real)
-        batch = {key: torch.stack([s[key] for s in samples])
-                 for key in ("tokens", "labels", "loss_mask", "position_ids")}
+        keys = ("tokens", "labels", "loss_mask", "position_ids",
+                *(key for key in CARRIED if key in samples[0]))
+        batch = {key: torch.stack([s[key] for s in samples]) for key in keys}
         batch["sample_mask"] = (torch.arange(micro_batch_size) < real).float()
         batch["loss_mask"] = batch["loss_mask"] * batch["sample_mask"][:, None]
         yield batch

@@ -30,6 +30,7 @@ from minitron_megatron.config import DEFAULT_SEED
 from minitron_megatron.distill.config import KDConfig
 from minitron_megatron.distill.intermediate import HiddenStateProjection, cosine_loss
 from minitron_megatron.distill.kd_loss import vocab_parallel_kd_loss
+from minitron_megatron.distill.teacher_cache import dense_teacher_logits
 from minitron_megatron.runtime.distributed import ParallelState
 
 
@@ -51,16 +52,21 @@ class DistillationModel(torch.nn.Module):
     """This rank's stage of student + frozen teacher (``teacher=None``: the student alone)."""
 
     def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module | None, *,
-                 kd: KDConfig, ps: ParallelState, seed: int = DEFAULT_SEED):
+                 kd: KDConfig, ps: ParallelState, seed: int = DEFAULT_SEED,
+                 cached_teacher: bool = False):
         super().__init__()
         self.module = student
         self.teacher = teacher
         self.kd = kd
         self.ps = ps
+        self.cached_teacher = cached_teacher and teacher is None
         self.widths = [student.config.hidden_size]
         self.projection = None
         self._captured: dict[tuple[str, int], torch.Tensor] = {}
         if teacher is None:
+            if self.cached_teacher and ps.is_last_stage:  # the logits meet the cached top-k
+                self._student_ce = student.compute_language_model_loss
+                student.compute_language_model_loss = _logits_as_they_are
             return
         teacher.requires_grad_(False)
         teacher.eval()
@@ -112,11 +118,20 @@ class DistillationModel(torch.nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor,
-                labels: torch.Tensor | None = None):
-        """Non-last stages: the bundle ``[s, b, W]``; last stage: ``StageOutput``."""
+                labels: torch.Tensor | None = None,
+                teacher_top_k: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Non-last stages: the bundle ``[s, b, W]``; last stage: ``StageOutput``.
+        ``teacher_top_k``: the cached teacher's ``(values, indices)`` ``[b, s, k]`` of this
+        micro-batch (``cached_teacher``; without them the student's CE alone)."""
         if self.teacher is None:
             out = self.module(tokens, position_ids, None, labels=labels)
-            return StageOutput(ce=out) if self.ps.is_last_stage else out
+            if not self.ps.is_last_stage or not self.cached_teacher:
+                return StageOutput(ce=out) if self.ps.is_last_stage else out
+            if teacher_top_k is None:  # held-out batches: nothing cached for them
+                return StageOutput(ce=self._student_ce(labels, out))
+            teacher_out = dense_teacher_logits(*teacher_top_k, out,  # [s, b, V/tp]
+                                               vocab_start=self.ps.tp_rank * out.shape[-1])
+            return self._logit_losses(out, teacher_out, labels, [])
         self._captured.clear()
         student_out = self.module(tokens, position_ids, None, labels=labels)
         with torch.no_grad():
@@ -125,11 +140,15 @@ class DistillationModel(torch.nn.Module):
         if not self.ps.is_last_stage:
             flat = [state for pair in pairs for state in pair]
             return torch.cat([student_out, teacher_out, *flat], dim=-1)
+        intermediate = [cosine_loss(h_s, h_t, self.projection, self.ps) for h_s, h_t in pairs]
+        return self._logit_losses(student_out, teacher_out, labels, intermediate)
+
+    def _logit_losses(self, student_out: torch.Tensor, teacher_out: torch.Tensor,
+                      labels: torch.Tensor, intermediate: list[torch.Tensor]) -> StageOutput:
         kd, ce = vocab_parallel_kd_loss(  # logits [s, b, V/tp] → per-token [s, b]
             student_out, teacher_out, labels=labels.t(), temperature=self.kd.temperature,
             reverse=self.kd.reverse, top_k=self.kd.top_k, tp_group=self.ps.tp_group)
         del student_out, teacher_out  # the logits live on only inside the loss's backward
-        intermediate = [cosine_loss(h_s, h_t, self.projection, self.ps) for h_s, h_t in pairs]
         return StageOutput(ce=ce.t(), kd=kd.t(), intermediate=intermediate)
 
     def _capture_hook(self, side: str, layer: int):

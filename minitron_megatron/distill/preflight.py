@@ -36,8 +36,9 @@ def tokenizer_fingerprint(info: CheckpointInfo) -> str | None:
 def check_run(*, student: CheckpointInfo, teacher: CheckpointInfo | None, kd: KDConfig | None,
               train: TrainConfig, parallel: ParallelConfig, world_size: int,
               params_dtype: torch.dtype = torch.float32,
-              seq_length: int | None = None) -> None:
-    """Raise a ``UserError`` (``CheckpointError`` included) for the first problem found."""
+              seq_length: int | None = None, teacher_cache=None, data=None) -> None:
+    """Raise a ``UserError`` (``CheckpointError`` included) for the first problem found.
+    ``teacher_cache`` (a ``TeacherCache``, with the run's ``data``) stands in for ``teacher``."""
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     check_output_dir(train.save, "--save")
     for role, info in (("student", student), ("teacher", teacher)):
@@ -60,6 +61,8 @@ def check_run(*, student: CheckpointInfo, teacher: CheckpointInfo | None, kd: KD
                             f"({teacher.model_config.padded_vocab_size}); choose a smaller k.")
         (kd or KDConfig()).check_layers(student.model_config.num_layers,
                                         teacher.model_config.num_layers)
+    if teacher_cache is not None:
+        _check_cache(teacher_cache, student=student, kd=kd or KDConfig(), train=train, data=data)
     resume = resumable_checkpoint(train.load, student.model_config)
     if resume is not None:
         check_schedule(resume, train)
@@ -68,6 +71,19 @@ def check_run(*, student: CheckpointInfo, teacher: CheckpointInfo | None, kd: KD
     if train.use_distributed_optimizer and params_dtype == torch.float32:
         raise UserError("the distributed optimizer shards fp32 main weights of bf16/fp16 "
                         "parameters; use --params-dtype bf16, or drop the distributed optimizer.")
+
+
+def _check_cache(cache, *, student: CheckpointInfo, kd: KDConfig, train: TrainConfig,
+                 data) -> None:
+    if kd.reverse:
+        raise UserError("--kd-reverse cannot use a teacher cache: the reverse KL against the "
+                        "cached top-k teacher is infinite; use --teacher for the reverse KL.")
+    if kd.intermediate_pairs:
+        raise UserError("--kd-intermediate needs the teacher's hidden states, which a teacher "
+                        "cache does not hold; use --teacher for intermediate-state losses.")
+    cache.check_covers(data=data, num_samples=train.train_iters * train.global_batch_size,
+                       padded_vocab_size=student.model_config.padded_vocab_size,
+                       top_k=kd.top_k)
 
 
 def _check_same_vocabulary(student: CheckpointInfo, teacher: CheckpointInfo) -> None:

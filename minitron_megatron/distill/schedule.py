@@ -46,7 +46,10 @@ def forward_backward(
     def forward_step(data_iterator, stage_model):
         batch: Batch = next(data_iterator)
         tokens, position_ids = model_inputs(batch, ps.device)
-        out = stage_model(tokens, position_ids, labels=batch["labels"].to(ps.device))
+        cached = (batch["teacher_values"], batch["teacher_indices"]) \
+            if "teacher_values" in batch else None  # a teacher cache's top-k [b, s, k]
+        out = stage_model(tokens, position_ids, labels=batch["labels"].to(ps.device),
+                          teacher_top_k=cached)
         return out, partial(objective, kd, batch["loss_mask"])
 
     extra = {}

@@ -48,6 +48,11 @@ from minitron_megatron.distill.config import KDConfig, TrainConfig
 from minitron_megatron.distill.model import DistillationModel
 from minitron_megatron.distill.progress import Progress
 from minitron_megatron.distill.schedule import forward_backward, train_sample_ids
+from minitron_megatron.distill.teacher_cache import (
+    CachedTeacherDataset,
+    TeacherCache,
+    check_order,
+)
 from minitron_megatron.errors import NonFiniteResultError, UserError
 from minitron_megatron.evaluate import eod_id_of
 from minitron_megatron.model.build import build_model
@@ -79,9 +84,14 @@ class Trainer:
 
     def __init__(self, *, train: TrainConfig, kd: KDConfig | None, data: DataConfig,
                  student: CheckpointInfo, teacher: CheckpointInfo | None, ps: ParallelState,
-                 params_dtype: torch.dtype = torch.float32, seed: int = DEFAULT_SEED):
+                 params_dtype: torch.dtype = torch.float32, seed: int = DEFAULT_SEED,
+                 teacher_cache: TeacherCache | None = None):
         self.train_cfg, self.data, self.ps = train, data, ps
+        self.teacher_cache = teacher_cache
         self.kd = kd if teacher is not None else None
+        if teacher_cache is not None:  # the cached top-k stands in for the teacher's logits
+            kd = kd or KDConfig()
+            self.kd = dataclasses.replace(kd, top_k=kd.top_k or teacher_cache.top_k)
         self.student_info, self.teacher_info = student, teacher
         self.params_dtype, self.seed = params_dtype, seed
         self.microbatches = train.microbatches(ps.dp_size)
@@ -118,7 +128,8 @@ class Trainer:
             load_checkpoint(self.teacher_info, model=teacher)
         self.student = student
         self.model = DistillationModel(student, teacher, kd=self.kd or KDConfig(), ps=ps,
-                                       seed=self.seed)
+                                       seed=self.seed,
+                                       cached_teacher=self.teacher_cache is not None)
 
     def _build_optimizer(self) -> None:
         """Megatron DDP around the teacher–student model, its optimizer and LR schedule."""
@@ -185,6 +196,11 @@ class Trainer:
             log.info("training data: %d samples of %d tokens = %.2f epochs of the train split "
                      "(%d distinct samples)", needed["train"], self.data.seq_length,
                      needed["train"] / per_epoch, per_epoch)
+        if self.teacher_cache is not None:
+            check_order(self.teacher_cache, datasets["train"], needed["train"])
+            datasets["train"] = CachedTeacherDataset(datasets["train"], self.teacher_cache,
+                                                     self.kd.top_k,
+                                                     with_teacher=self.ps.is_last_stage)
         return datasets
 
     def _check_data_order(self, resume: CheckpointInfo) -> None:
@@ -258,7 +274,7 @@ class Trainer:
         if not math.isfinite(result["val_loss"]):
             self._diverged(self.state.iteration, f"the validation loss is {result['val_loss']}")
         result["val_ppl"] = math.exp(min(result["val_loss"], 700.0))
-        if self.kd is not None:
+        if self.kd is not None and self.teacher_cache is None:  # the cache holds no held-out
             result["val_kd_loss"] = sums["kd_loss"] / sums["tokens"]
         return result
 
@@ -278,6 +294,7 @@ class Trainer:
                 "data": dataclasses.asdict(self.data),
                 "student": str(self.student_info.path),
                 "teacher": str(self.teacher_info.path) if self.teacher_info else None,
+                "teacher_cache": str(self.teacher_cache.root) if self.teacher_cache else None,
                 "layout": {"tp": self.ps.tp_size, "pp": self.ps.pp_size, "dp": self.ps.dp_size}}
 
     # ------------------------------------------------------------------ the loop

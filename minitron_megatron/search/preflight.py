@@ -23,6 +23,7 @@ from minitron_megatron.config import DEFAULT_SEED, ParallelConfig
 from minitron_megatron.data.loaders import DataConfig
 from minitron_megatron.distill.config import KDConfig, TrainConfig
 from minitron_megatron.distill.preflight import check_run
+from minitron_megatron.distill.teacher_cache import TeacherCache
 from minitron_megatron.errors import UserError
 from minitron_megatron.importance import Scores
 from minitron_megatron.output_paths import check_output_dir
@@ -59,6 +60,10 @@ class SearchPlan:
     results: SearchResults
     """What a previous run of this search recorded (or an empty record)."""
 
+    teacher_cache: TeacherCache | None = None
+    """The teacher's cached top-k logits, read by every candidate's distillation instead of
+    running the teacher (``None``: the teacher runs)."""
+
     @property
     def eval_samples(self) -> int:
         """Held-out samples every loss of the search is measured on."""
@@ -80,8 +85,11 @@ def scores_digest(scores: Scores) -> str:
 
 def search_settings(*, teacher: CheckpointInfo, scores: Scores, space: SearchSpace,
                     search: SearchConfig, train: TrainConfig, kd: KDConfig, data: DataConfig,
-                    params_dtype: torch.dtype, seed: int) -> dict[str, Any]:
+                    params_dtype: torch.dtype, seed: int,
+                    teacher_cache: TeacherCache | None = None) -> dict[str, Any]:
     """Everything that decides the search's numbers; a resumed search must match it."""
+    if teacher_cache is not None:  # the cached top-k is the KD objective's teacher
+        kd = dataclasses.replace(kd, top_k=kd.top_k or teacher_cache.top_k)
     train_fields = {k: v for k, v in dataclasses.asdict(train).items()
                     if k not in _UNSCORED_TRAIN_FIELDS}
     data_fields = {k: v for k, v in dataclasses.asdict(data).items() if k != "cache_path"}
@@ -92,7 +100,9 @@ def search_settings(*, teacher: CheckpointInfo, scores: Scores, space: SearchSpa
                    "depth_method": search.depth_method},
         "space": {axis: list(getattr(space, axis)) for axis in AXES},
         "train": train_fields, "kd": dataclasses.asdict(kd), "data": data_fields,
-        "params_dtype": str(params_dtype).removeprefix("torch."), "seed": seed})
+        "params_dtype": str(params_dtype).removeprefix("torch."), "seed": seed,
+        **({"teacher_cache_dtype": teacher_cache.manifest["dtype"]}
+           if teacher_cache is not None else {})})
 
 
 def _plan(scores: Scores, candidate: Candidate, depth_method: str) -> PrunePlan:
@@ -154,7 +164,8 @@ def prepare_search(*, teacher: CheckpointInfo, scores: Scores, space: SearchSpac
                    search: SearchConfig, train: TrainConfig, kd: KDConfig, data: DataConfig,
                    parallel: ParallelConfig, world_size: int,
                    params_dtype: torch.dtype = torch.float32,
-                   seed: int = DEFAULT_SEED) -> SearchPlan:
+                   seed: int = DEFAULT_SEED,
+                   teacher_cache: TeacherCache | None = None) -> SearchPlan:
     """Check everything and plan every candidate; raises one actionable ``ValueError``.
 
     Example::
@@ -187,10 +198,12 @@ def prepare_search(*, teacher: CheckpointInfo, scores: Scores, space: SearchSpac
     check_run(student=dataclasses.replace(teacher, model_config=shallowest.config),
               teacher=teacher, kd=kd, train=dataclasses.replace(train, load=None),
               parallel=parallel, world_size=world_size, params_dtype=params_dtype,
-              seq_length=data.seq_length)
+              seq_length=data.seq_length, teacher_cache=teacher_cache, data=data)
+    if teacher_cache is not None:
+        teacher_cache.check_teacher(teacher)
     settings = search_settings(teacher=teacher, scores=scores, space=space, search=search,
                                train=train, kd=kd, data=data, params_dtype=params_dtype,
-                               seed=seed)
+                               seed=seed, teacher_cache=teacher_cache)
     results = _previous(search, settings, candidates, tp, pp)
     if results is None:
         cfg = teacher.model_config
@@ -198,4 +211,5 @@ def prepare_search(*, teacher: CheckpointInfo, scores: Scores, space: SearchSpac
                                                "name": Candidate(cfg).name,
                                                "params": cfg.num_parameters()}, candidates)
     return SearchPlan(teacher=teacher, candidates=tuple(candidates), plans=plans, search=search,
-                      train=train, kd=kd, data=data, results=results)
+                      train=train, kd=kd, data=data, results=results,
+                      teacher_cache=teacher_cache)

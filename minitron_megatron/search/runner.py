@@ -129,7 +129,8 @@ def _distill(plan: SearchPlan, record: CandidateResult, ps: ParallelState, valid
         plan.train, save=kd_dir, load=kd_dir, eval_interval=0, exit_interval=0,
         wandb_run_name=f"{plan.train.wandb_run_name or 'search'}-{record.name}")
     trainer = Trainer(train=train, kd=plan.kd, data=plan.data, student=find_checkpoint(pruned_dir),
-                      teacher=plan.teacher, ps=ps, params_dtype=params_dtype, seed=seed)
+                      teacher=None if plan.teacher_cache else plan.teacher, ps=ps,
+                      params_dtype=params_dtype, seed=seed, teacher_cache=plan.teacher_cache)
     result = trainer.run(on_step=view.step)
     del trainer
     if result.interrupted:

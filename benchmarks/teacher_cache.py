@@ -1,0 +1,183 @@
+"""What the teacher cache buys and costs on SmolLM2-135M, side by side in one run.
+
+1. **Search time**: the same 4-candidate search (4 shapes within 67M ± 3 %, each distilled for
+   ``--candidate-train-iters`` steps) with the live teacher and ``--kd-top-k 64``, and with
+   ``teacher-cache --cache-top-k 64`` once followed by ``search --teacher-cache``. With ``T``
+   the cache build and ``S`` one candidate of the cached search, the goal is
+   ``(T + search_cached) / search_live ≤ (T + N·S) / (N·(T + S)) × 1.1``.
+2. **Quality of top-k**: one pruned candidate distilled for ``--quality-iters`` steps with the
+   full-vocabulary KD, the live ``--kd-top-k k`` and the cached top-k (one k = 256 fp16 cache
+   read at k), k ∈ {16, 64, 256}; every student evaluated with ``--window-starts`` on the same
+   held-out windows (as sampled and at document starts).
+3. **Bytes per token** of the caches, stated and measured on disk.
+
+Every stage is the ``minitron`` CLI, as a user runs it::
+
+    python benchmarks/teacher_cache.py --teacher runs/teacher --data-path runs/data/wiki \\
+        --work-dir runs/tcache --output benchmarks/teacher_cache_run/results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SPACE = ("num_layers: [30, 27]\nhidden_size: [448, 512]\nffn_hidden_size: [576, 768]\n"
+         "num_attention_heads: [6, 9]\n")
+"""Four shapes of SmolLM2 within 67M ± 3 % (L30-H448-F576-A9, L27-H448-F768-A9,
+L30-H448-F768-A6, L27-H512-F576-A6)."""
+TOP_K = (16, 64, 256)
+
+
+def cli(args: list[str]) -> tuple[dict, float]:
+    """``minitron ARGS`` in a fresh process: (its last JSON line, wall seconds)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    print("[teacher-cache]", " ".join(args), flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "minitron_megatron", *args],
+                          capture_output=True, text=True, env=env)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise RuntimeError(f"minitron {args[0]} failed (exit {proc.returncode})")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    return (json.loads(lines[-1]) if lines else {}), seconds
+
+
+def disk_bytes_per_token(cache: Path, tokens: int) -> float:
+    return sum(f.stat().st_size for f in (cache / "shards").iterdir()) / tokens
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", default="runs/teacher")
+    p.add_argument("--data-path", default="runs/data/wiki")
+    p.add_argument("--work-dir", default="runs/tcache")
+    p.add_argument("--output", default="benchmarks/teacher_cache_run/results.json")
+    p.add_argument("--seq-length", type=int, default=256)
+    p.add_argument("--global-batch-size", type=int, default=4)
+    p.add_argument("--candidate-train-iters", type=int, default=16)
+    p.add_argument("--quality-iters", type=int, default=32)
+    p.add_argument("--eval-samples", type=int, default=64)
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--quick", action="store_true", help="tiny budgets (a smoke run)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seq_length, args.candidate_train_iters, args.quality_iters = 64, 2, 2
+        args.eval_samples, args.calib_samples = 4, 4
+    work, out = Path(args.work_dir), Path(args.output)
+    work.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    gbs, seq = args.global_batch_size, args.seq_length
+    data = ["--data-path", args.data_path, "--seq-length", str(seq)]
+    sched = ["--global-batch-size", str(gbs), "--micro-batch-size", str(min(gbs, 4)),
+             "--lr", "6e-4", "--min-lr", "6e-5", "--lr-decay-style", "cosine",
+             "--clip-grad", "1.0"]
+
+    def warmup(steps: int) -> list[str]:
+        return ["--lr-warmup-iters", str(min(2, steps - 1))]
+
+    result: dict = {"settings": vars(args)}
+
+    # 1. the search, live vs cached
+    scores, space = work / "scores.safetensors", work / "space.yaml"
+    space.write_text(SPACE)
+    if not scores.is_file():
+        cli(["importance", "--load", args.teacher, *data, "--calib-samples",
+             str(args.calib_samples), "--micro-batch-size", "4", "--save-scores", str(scores)])
+    search = ["search", "--load", args.teacher, "--scores", str(scores), "--search-space",
+              str(space), "--target-params", "67M", "--params-tolerance", "0.03",
+              "--candidate-train-iters", str(args.candidate_train_iters),
+              "--candidate-eval-iters", str(max(1, args.eval_samples // gbs)), "--keep-all",
+              *data, *sched, *warmup(args.candidate_train_iters)]
+    iters = args.candidate_train_iters
+    cache64, cache256 = work / "cache-k64", work / "cache-k256"
+    for stale in ("search-live", "search-cached", cache64.name, cache256.name):
+        shutil.rmtree(work / stale, ignore_errors=True)  # every time below is a fresh run
+    _, live_s = cli([*search, "--save", str(work / "search-live"), "--kd-top-k", "64"])
+    _, build_s = cli(["teacher-cache", "--teacher", args.teacher, "--save", str(cache64),
+                      "--cache-top-k", "64", "--train-iters", str(iters),
+                      "--global-batch-size", str(gbs), "--micro-batch-size", "4", *data])
+    _, cached_s = cli([*search, "--save", str(work / "search-cached"),
+                       "--teacher-cache", str(cache64)])
+    live, cached = (json.loads((work / d / "search_results.json").read_text())
+                    for d in ("search-live", "search-cached"))
+    n = len(live["candidates"])
+    per_candidate = cached_s / n
+    ideal = (build_s + n * per_candidate) / (n * (build_s + per_candidate))
+    result["search"] = {
+        "candidates": n, "live_s": live_s, "cache_build_s": build_s, "cached_s": cached_s,
+        "ratio": (build_s + cached_s) / live_s, "goal": ideal * 1.1,
+        "ranking_live": [c["name"] for c in sorted(live["candidates"], key=lambda c: c["rank"])],
+        "ranking_cached": [c["name"]
+                           for c in sorted(cached["candidates"], key=lambda c: c["rank"])],
+        "post_kd": {c["name"]: [c["post_kd_loss"], d["post_kd_loss"]]
+                    for c in live["candidates"] for d in cached["candidates"]
+                    if c["name"] == d["name"]}}
+    out.write_text(json.dumps(result, indent=1))
+
+    # 2. what top-k costs in quality, live and cached
+    student = work / "search-cached" / "candidates" / result["search"]["ranking_live"][0] \
+        / "pruned"
+    q = args.quality_iters
+    _, build256 = cli(["teacher-cache", "--teacher", args.teacher, "--save", str(cache256),
+                       "--cache-top-k", "256", "--train-iters", str(q),
+                       "--global-batch-size", str(gbs), "--micro-batch-size", "4", *data])
+    runs = {"full KD": ["--teacher", args.teacher]}
+    for k in TOP_K:
+        runs[f"live top-{k}"] = ["--teacher", args.teacher, "--kd-top-k", str(k)]
+        runs[f"cached top-{k}"] = ["--teacher-cache", str(cache256), "--kd-top-k", str(k)]
+    quality = result.setdefault("quality", {"student": str(student), "cache_build_s": build256})
+    for name, source in runs.items():
+        save = work / "kd" / name.replace(" ", "-")
+        shutil.rmtree(save, ignore_errors=True)
+        _, seconds = cli(["distill", "--student", str(student), *source, "--save", str(save),
+                          "--train-iters", str(q), *data,
+                          *sched, *warmup(q), "--save-interval", str(q),
+                          "--log-interval", str(q)])
+        evaluated, _ = cli(["evaluate", "--load", str(save), *data, "--eval-samples",
+                            str(args.eval_samples), "--micro-batch-size", "4",
+                            "--window-starts"])
+        quality[name] = {"seconds": seconds, "loss": evaluated["loss"],
+                         **evaluated.get("window_starts", {})}
+        out.write_text(json.dumps(result, indent=1))
+
+    # 3. bytes per token
+    result["bytes_per_token"] = {
+        f"k={k} fp16": {"stated": k * 6 + 4,
+                        "on_disk": disk_bytes_per_token(cache, tokens)}
+        for k, cache, tokens in ((64, cache64, iters * gbs * seq), (256, cache256, q * gbs * seq))}
+    out.write_text(json.dumps(result, indent=1))
+    print(report(result), flush=True)
+    return result
+
+
+def report(r: dict) -> str:
+    s = r["search"]
+    lines = ["| measure | value |", "|---|---:|",
+             f"| search, live teacher + --kd-top-k 64 (s) | {s['live_s']:.1f} |",
+             f"| teacher-cache build T (s) | {s['cache_build_s']:.1f} |",
+             f"| search reading the cache (s) | {s['cached_s']:.1f} |",
+             f"| (T + cached) / live | **{s['ratio']:.3f}** (goal ≤ {s['goal']:.3f}) |",
+             f"| same ranking | {s['ranking_live'] == s['ranking_cached']} |", "",
+             "| distillation | loss | as sampled | doc start | s |", "|---|---:|---:|---:|---:|"]
+    for name, q in r["quality"].items():
+        if isinstance(q, dict):
+            lines.append(f"| {name} | {q['loss']:.4f} | {q.get('as_sampled', float('nan')):.4f} "
+                         f"| {q.get('doc_start', float('nan')):.4f} | {q['seconds']:.0f} |")
+    lines += ["", "| cache | bytes/token stated | on disk |", "|---|---:|---:|"]
+    lines += [f"| {k} | {v['stated']} | {v['on_disk']:.1f} |"
+              for k, v in r["bytes_per_token"].items()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
