@@ -64,6 +64,7 @@ from benchmarks.claims_config import (
     StudyConfig,
     width_student,
 )
+from benchmarks.claims_report import mean_loss, write_report
 from minitron_megatron.distill.training import Trainer
 
 __all__ = ["AGGREGATIONS", "DEFAULT_WIDTH", "DEPTH", "DEPTH_LAYERS", "KL_CE_WEIGHT", "RUNS",
@@ -106,12 +107,6 @@ class StudyTrainer(Trainer):
 
     def _datasets(self):
         return {"train": self._train_set}
-
-
-def mean_of(sums) -> float:
-    """Mean next-token loss of ``[N, 2]`` per-sample (loss sum, tokens) rows."""
-    t = torch.as_tensor(sums, dtype=torch.float64)
-    return float(t[:, 0].sum() / t[:, 1].sum())
 
 
 class Study:
@@ -164,17 +159,15 @@ class Study:
 
     def curve_point(self, trainer: Trainer, iteration: int) -> dict:
         """Held-out loss of the student being trained on the first ``curve_samples`` windows of
-        each kind."""
-        trainer.ddp.eval()
+        each kind (``pipeline_forward`` puts it in eval mode and back)."""
         sums = self.held_out(trainer.student, limit=self.curve_samples)
-        trainer.ddp.train()
-        return {"iteration": iteration, **{k: mean_of(v) for k, v in sums.items()}}
+        return {"iteration": iteration, **{k: mean_loss(v) for k, v in sums.items()}}
 
     def record_zero_shot(self, name: str, model) -> None:
         sums = self.held_out(model)
         self.results["zero_shot"][name] = sums
         print(f"[claims] held-out loss of {name}: "
-              + ", ".join(f"{k} {mean_of(v):.4f}" for k, v in sums.items()), flush=True)
+              + ", ".join(f"{k} {mean_loss(v):.4f}" for k, v in sums.items()), flush=True)
 
     def train_set(self, seed: int, samples: int):
         """The train split in the data order of ``seed`` (cycling epochs if needed)."""
@@ -311,7 +304,7 @@ class Study:
         """Run ``trainer``, evaluating the curve every ``every`` steps; (history, curve)."""
         n = self.curve_samples
         zero = self.results["zero_shot"][student]
-        curve = [{"iteration": 0, **{k: mean_of(v[:n]) for k, v in zero.items()}}]
+        curve = [{"iteration": 0, **{k: mean_loss(v[:n]) for k, v in zero.items()}}]
 
         def on_step(iteration: int, _metrics) -> None:
             if iteration % every == 0:
@@ -393,7 +386,6 @@ def parse_args(argv=None) -> StudyConfig:
 
 
 def main(argv=None) -> None:
-    from benchmarks.claims_report import write_report
     from minitron_megatron.config import ParallelConfig
     from minitron_megatron.runtime.distributed import LaunchEnv, distributed
 

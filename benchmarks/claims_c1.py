@@ -33,13 +33,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.claims import Study, mean_of
+from benchmarks.claims import Study
 from benchmarks.claims_config import RUN, WINDOW_KINDS, C1Config, StudyConfig
 from benchmarks.claims_report import (
     KIND_TITLE,
     better,
     combine,
     fmt_delta,
+    mean_loss,
     mean_std,
     word,
 )
@@ -109,7 +110,6 @@ class C1Study(Study):
             history, curve = self.train_with_curve(
                 trainer, max(1, self.steps // self.c1.curve_points), run.student)
         with self.timed(f"held-out {key}"):
-            trainer.ddp.eval()
             sums = self.held_out(trainer.student)
         del trainer
         gc.collect()
@@ -157,13 +157,13 @@ def report(results: dict, out: Path) -> str:
         kd, ce = runs[f"width-kd@{s}"]["held_out"], runs[f"width-ce@{s}"]["held_out"]
         cells = []
         for k in WINDOW_KINDS:
-            cells.append(f"{mean_of(kd[k]):.3f} | {mean_of(ce[k]):.3f} | "
+            cells.append(f"{mean_loss(kd[k]):.3f} | {mean_loss(ce[k]):.3f} | "
                          f"{fmt_delta(kd[k], ce[k])}")
             verdicts[k].append(better(kd[k], ce[k]))
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     if len(seeds) > 1:
-        cells = [f"{mean_std([mean_of(runs[f'width-kd@{s}']['held_out'][k]) for s in seeds])} | "
-                 f"{mean_std([mean_of(runs[f'width-ce@{s}']['held_out'][k]) for s in seeds])} | "
+        cells = [f"{mean_std([mean_loss(runs[f'width-kd@{s}']['held_out'][k]) for s in seeds])} | "
+                 f"{mean_std([mean_loss(runs[f'width-ce@{s}']['held_out'][k]) for s in seeds])} | "
                  for k in WINDOW_KINDS]
         lines.append("| mean ± std | " + " | ".join(cells) + " |")
     overall = {k: combine(v) for k, v in verdicts.items() if v}
@@ -224,7 +224,7 @@ def plot(runs: dict, seeds: list[int], path: Path, zero: dict, n: int) -> str:
             train = [(h["iteration"], h["ce_loss"]) for h in run["history"] if "ce_loss" in h]
             axes[-1].plot(*zip(*train), color=color, alpha=1.0 if first else 0.45, label=label)
     for ax, k in zip(axes, WINDOW_KINDS):
-        ax.axhline(mean_of(zero["teacher"][k][:n]), color="gray", linestyle="--",
+        ax.axhline(mean_loss(zero["teacher"][k][:n]), color="gray", linestyle="--",
                    label="teacher")
         ax.set_title(f"held-out, {KIND_TITLE[k]} (first {n})")
     axes[-1].set_title("CE on the training batch")

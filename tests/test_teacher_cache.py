@@ -11,12 +11,11 @@ from minitron_megatron.checkpoint import find_checkpoint
 from minitron_megatron.config import ParallelConfig
 from minitron_megatron.data.loaders import DataConfig
 from minitron_megatron.distill.config import KDConfig, TrainConfig
-from minitron_megatron.distill.kd_loss import vocab_parallel_kd_loss
+from minitron_megatron.distill.kd_loss import global_top_k, vocab_parallel_kd_loss
 from minitron_megatron.distill.teacher_cache import (
     TeacherCache,
     TeacherCacheConfig,
     dense_teacher_logits,
-    global_top_k,
     shard_path,
     shard_ranges,
 )

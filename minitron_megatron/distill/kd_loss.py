@@ -66,15 +66,28 @@ def _vocab_range(vocab_local: int, group) -> tuple[int, int]:
     return rank * vocab_local, (rank + 1) * vocab_local
 
 
-def _global_top_k_threshold(teacher: torch.Tensor, k: int, group) -> torch.Tensor:
-    """The k-th largest teacher logit of each row over the whole vocabulary: ``[rows]``."""
-    local = torch.topk(teacher, min(k, teacher.shape[-1]), dim=-1).values.float()  # [rows, k']
+def global_top_k(logits: torch.Tensor, k: int, group, vocab_start: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``k`` largest entries of each row over a vocabulary sharded on ``group``: values
+    ``[rows, k]`` (fp32, descending) and, given this shard's ``vocab_start``, their global ids
+    ``[rows, k]`` (int64; else ``None``). ``logits``: ``[rows, V/tp]``."""
+    values, ids = torch.topk(logits, min(k, logits.shape[-1]), dim=-1)  # [rows, k']
+    parts = [values.float()] + ([ids + vocab_start] if vocab_start is not None else [])
     world = dist.get_world_size(group) if group is not None else 1
     if world > 1:
-        gathered = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(gathered, local.contiguous(), group=group)
-        local = torch.cat(gathered, dim=-1)  # [rows, tp·k']
-    return torch.topk(local, k, dim=-1).values[:, -1]  # [rows]
+        gathered = []
+        for part in parts:
+            out = [torch.empty_like(part) for _ in range(world)]
+            dist.all_gather(out, part.contiguous(), group=group)
+            gathered.append(torch.cat(out, dim=-1))  # [rows, tp·k']
+        parts = gathered
+    values, order = torch.topk(parts[0], k, dim=-1)  # [rows, k]
+    return values, (parts[1].gather(-1, order) if len(parts) > 1 else None)
+
+
+def _global_top_k_threshold(teacher: torch.Tensor, k: int, group) -> torch.Tensor:
+    """The k-th largest teacher logit of each row over the whole vocabulary: ``[rows]``."""
+    return global_top_k(teacher, k, group)[0][:, -1]
 
 
 class _VocabParallelKD(torch.autograd.Function):

@@ -109,23 +109,7 @@ def make_manifest(*, teacher, data, num_samples: int, config: TeacherCacheConfig
             "bytes_per_token": config.bytes_per_token}
 
 
-# ---------------------------------------------------------------------- top-k of a TP shard
-def global_top_k(logits: torch.Tensor, k: int, group, vocab_start: int
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` largest entries of each row over a vocabulary sharded on ``group``: values
-    ``[N, k]`` (fp32, descending) and global ids ``[N, k]`` (int64). ``logits``: ``[N, V/tp]``."""
-    values, ids = torch.topk(logits.float(), min(k, logits.shape[-1]), dim=-1)  # [N, k']
-    ids = ids + vocab_start
-    world = dist.get_world_size(group) if group is not None else 1
-    if world > 1:
-        gathered = [[torch.empty_like(t) for _ in range(world)] for t in (values, ids)]
-        dist.all_gather(gathered[0], values.contiguous(), group=group)
-        dist.all_gather(gathered[1], ids.contiguous(), group=group)
-        values, ids = torch.cat(gathered[0], dim=-1), torch.cat(gathered[1], dim=-1)  # [N, tp·k']
-    values, order = torch.topk(values, k, dim=-1)  # [N, k]
-    return values, ids.gather(-1, order)
-
-
+# ---------------------------------------------------------------------- a TP-sharded row
 def log_sum_exp(logits: torch.Tensor, group) -> torch.Tensor:
     """``log Σ_v exp(z_v)`` of each row over the sharded vocabulary: ``[N]`` fp32."""
     z = logits.float()
@@ -207,6 +191,14 @@ class TeacherCache:
             raise UserError(f"the teacher cache {self.root} is incomplete ({len(missing)} "
                             f"shards missing, e.g. {missing[0]}); rerun the same `minitron "
                             f"teacher-cache` command to finish it.")
+
+    def kd_config(self, kd):
+        """``kd`` (a ``KDConfig``, or the default one) reading this cache: its ``top_k`` unless
+        a smaller one is asked for (``check_covers`` refuses a larger one)."""
+        from minitron_megatron.distill.config import KDConfig
+
+        kd = kd or KDConfig()
+        return dataclasses.replace(kd, top_k=kd.top_k or self.top_k)
 
     def check_teacher(self, teacher) -> None:
         """``UserError`` unless the cache was computed by a model of ``teacher``'s shape."""

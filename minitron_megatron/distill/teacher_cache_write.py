@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from minitron_megatron.config import ParallelConfig
+from minitron_megatron.distill.kd_loss import global_top_k
 from minitron_megatron.distill.teacher_cache import (
     DTYPES,
     MANIFEST,
@@ -34,7 +35,6 @@ from minitron_megatron.distill.teacher_cache import (
     TeacherCacheConfig,
     atomic_save,
     check_disk,
-    global_top_k,
     log_sum_exp,
     make_manifest,
     sample_digest,

@@ -90,8 +90,7 @@ class Trainer:
         self.teacher_cache = teacher_cache
         self.kd = kd if teacher is not None else None
         if teacher_cache is not None:  # the cached top-k stands in for the teacher's logits
-            kd = kd or KDConfig()
-            self.kd = dataclasses.replace(kd, top_k=kd.top_k or teacher_cache.top_k)
+            self.kd = teacher_cache.kd_config(kd)
         self.student_info, self.teacher_info = student, teacher
         self.params_dtype, self.seed = params_dtype, seed
         self.microbatches = train.microbatches(ps.dp_size)

@@ -89,7 +89,7 @@ def search_settings(*, teacher: CheckpointInfo, scores: Scores, space: SearchSpa
                     teacher_cache: TeacherCache | None = None) -> dict[str, Any]:
     """Everything that decides the search's numbers; a resumed search must match it."""
     if teacher_cache is not None:  # the cached top-k is the KD objective's teacher
-        kd = dataclasses.replace(kd, top_k=kd.top_k or teacher_cache.top_k)
+        kd = teacher_cache.kd_config(kd)
     train_fields = {k: v for k, v in dataclasses.asdict(train).items()
                     if k not in _UNSCORED_TRAIN_FIELDS}
     data_fields = {k: v for k, v in dataclasses.asdict(data).items() if k != "cache_path"}
