@@ -16,7 +16,8 @@ VOCAB = 96
 # (temperature, reverse, top_k, ce_weight)
 CASES = [(1.0, False, None, 0.0), (2.0, False, None, 0.0), (1.0, True, None, 0.0),
          (2.0, True, None, 0.0), (1.0, False, 9, 0.3), (2.0, False, None, 0.5),
-         (2.0, True, None, 0.5)]
+         (2.0, True, None, 0.5), (1.0, False, 9, 0.0), (2.0, False, 9, 0.0), (2.0, False, 9, 0.4),
+         (1.0, False, 1, 0.3)]
 
 
 def inputs(seed: int = 0):
@@ -100,6 +101,30 @@ def test_tp2_matches_naive_reference():
         rank0, rank1 = per_rank[0][i], per_rank[1][i]
         for rank in (rank0, rank1):  # values are whole-vocabulary on every rank
             check((*rank[:3], torch.cat([rank0[3], rank1[3]], dim=-1)), expected, case)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_top_k_given_as_values_and_ids_matches_the_reference(temperature, monkeypatch):
+    """``top_k_kd_loss`` from (values, ids) alone — values shifted by any per-row constant, in
+    fp16, ids in any order — equals the naive masked-teacher reference."""
+    monkeypatch.setattr(kd_loss, "CHUNK_ELEMENTS", 2 * VOCAB)
+    student, teacher, labels, mask = inputs(1)
+    k = 9
+    values, ids = teacher.topk(k, dim=-1)
+    order = torch.randperm(k, generator=torch.Generator().manual_seed(0))
+    values, ids = values[..., order], ids[..., order].int()
+    shifted = (values - values.amax(-1, keepdim=True) - 5.0).half()  # as a cache holds them
+    teacher = teacher.masked_fill(teacher < teacher.topk(k, dim=-1).values[..., -1:], -1e4)
+    teacher.scatter_(-1, ids.long(), shifted.float())  # the reference sees the rounded values
+    expected = naive(student, teacher, labels, mask, temperature, False, k, 0.2)
+    x = student.clone().requires_grad_(True)
+    kd, ce = kd_loss.top_k_kd_loss(x.clone(), shifted, ids, labels=labels,
+                                   temperature=temperature)
+    loss = ((0.8 * kd + 0.2 * ce) * mask).sum() / mask.sum()
+    loss.backward()
+    check((kd.detach(), ce.detach(), loss.detach(), x.grad), expected, temperature)
+    with pytest.raises(ValueError, match="must be the student logits"):
+        kd_loss.top_k_kd_loss(student, shifted[..., 1:, :], ids[..., 1:, :])
 
 
 def test_bad_arguments():

@@ -29,8 +29,7 @@ import torch
 from minitron_megatron.config import DEFAULT_SEED
 from minitron_megatron.distill.config import KDConfig
 from minitron_megatron.distill.intermediate import HiddenStateProjection, cosine_loss
-from minitron_megatron.distill.kd_loss import vocab_parallel_kd_loss
-from minitron_megatron.distill.teacher_cache import dense_teacher_logits
+from minitron_megatron.distill.kd_loss import top_k_kd_loss, vocab_parallel_kd_loss
 from minitron_megatron.runtime.distributed import ParallelState
 
 
@@ -129,9 +128,10 @@ class DistillationModel(torch.nn.Module):
                 return StageOutput(ce=out) if self.ps.is_last_stage else out
             if teacher_top_k is None:  # held-out batches: nothing cached for them
                 return StageOutput(ce=self._student_ce(labels, out))
-            teacher_out = dense_teacher_logits(*teacher_top_k, out,  # [s, b, V/tp]
-                                               vocab_start=self.ps.tp_rank * out.shape[-1])
-            return self._logit_losses(out, teacher_out, labels, [])
+            values, ids = (x.transpose(0, 1) for x in teacher_top_k)  # [s, b, k]: as the logits
+            kd, ce = top_k_kd_loss(out, values, ids, labels=labels.t(),  # [s, b] each
+                                   temperature=self.kd.temperature, tp_group=self.ps.tp_group)
+            return StageOutput(ce=ce.t(), kd=kd.t(), intermediate=[])
         self._captured.clear()
         student_out = self.module(tokens, position_ids, None, labels=labels)
         with torch.no_grad():

@@ -21,9 +21,9 @@ so a killed run resumes where it stopped; the ``digest`` ties every cached sampl
 it was computed on, so a reader with another data order, seed or sequence length is refused.
 
 The top-k is global over a TP-sharded vocabulary (each rank's top-k, gathered, top-k again), as
-in the KD loss; the reader scatters the values back into a vocab-parallel logit shard filled
-with the dtype's lowest value and hands it to the same loss with ``top_k = k``, so the cached
-loss equals the live ``--kd-top-k`` loss (up to the rounding of the stored values).
+in the KD loss; the reader hands the rows' (values, ids) to the loss the live ``--kd-top-k``
+uses after its own top-k (``kd_loss.top_k_kd_loss``), so the cached loss equals the live one
+(up to the rounding of the stored values) and no teacher row of the full vocabulary is built.
 """
 
 from __future__ import annotations
@@ -120,22 +120,6 @@ def log_sum_exp(logits: torch.Tensor, group) -> torch.Tensor:
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(sums, group=group)
     return top + sums.log()
-
-
-def dense_teacher_logits(values: torch.Tensor, indices: torch.Tensor, like: torch.Tensor,
-                         vocab_start: int) -> torch.Tensor:
-    """This TP rank's teacher logit shard ``[s, b, V/tp]`` (dtype and layout of ``like``, the
-    student's logits) from cached ``values``/``indices`` ``[b, s, k]``: the cached entries this
-    shard owns, the dtype's lowest value everywhere else (outside any top-k)."""
-    vocab = like.shape[-1]
-    low = torch.finfo(like.dtype).min
-    out = torch.full_like(like, low)  # [s, b, V/tp]
-    ids = indices.transpose(0, 1).to(like.device)  # [s, b, k]
-    local = ids - vocab_start
-    owned = (local >= 0) & (local < vocab)
-    vals = values.transpose(0, 1).to(like.device, like.dtype).masked_fill(~owned, low)
-    # entries of other shards land on column 0 with the lowest value: amax leaves it unchanged
-    return out.scatter_reduce_(-1, local.clamp(0, vocab - 1), vals, reduce="amax")
 
 
 # ---------------------------------------------------------------------- reading
