@@ -7,6 +7,8 @@ affects both alike; printed: the ratio of medians, of the fastest runs, and the 
 per-pair ratios, the ratio of median process CPU times, and the share of the importance pass
 spent inside the hooks and the final reduction (timed directly, so it does not depend on other
 jobs sharing the machine). Goal: ≤ 1.03 (all width axes + block importance, default aggregation).
+With ``--profile``, one more run of each under ``torch.profiler`` gives the self CPU time per
+operator of both passes side by side, largest difference first: where the extra time goes.
 
     python benchmarks/bench_importance.py --load /tmp/smol --data-path /tmp/wiki/wiki
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 
 import torch
@@ -52,6 +55,30 @@ def _time_hooks() -> list[float]:
     return per_pass
 
 
+def _profile_difference(plain, importance, rows: int) -> dict:
+    """Self CPU seconds per operator in one profiled run of each pass, and their difference."""
+    from torch.profiler import ProfilerActivity, profile
+
+    per_op: dict[str, dict[str, float]] = {}
+    totals = {}
+    for name, fn in (("plain", plain), ("importance", importance)):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            fn()
+            totals[name] = time.perf_counter() - start
+        for event in prof.key_averages():
+            per_op.setdefault(event.key, {"plain": 0.0, "importance": 0.0})[name] += (
+                event.self_cpu_time_total / 1e6)
+    diff = sorted(per_op.items(), key=lambda kv: -abs(kv[1]["importance"] - kv[1]["plain"]))
+    table = [f"{'operator':40} {'plain s':>9} {'import. s':>9} {'extra s':>9}"]
+    for op, t in diff[:rows]:
+        table.append(f"{op[:40]:40} {t['plain']:9.3f} {t['importance']:9.3f} "
+                     f"{t['importance'] - t['plain']:+9.3f}")
+    print("\n".join(table), flush=True)
+    return {"wall_s": totals, "extra_by_operator_s": {
+        op: round(t["importance"] - t["plain"], 4) for op, t in diff[:rows]}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--load", default="/tmp/smol")
@@ -62,6 +89,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-agg", default="l2")
     parser.add_argument("--seq-agg", default="mean")
+    parser.add_argument("--stats", action="store_true",
+                        help="also time the pass with the reconstruction statistics (the input "
+                             "Gram matrices `importance` writes by default)")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="also profile one run of each and print the ROWS operators whose "
+                             "self CPU time differs most between the passes")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1, as under torchrun: steadier on a shared machine)")
     args = parser.parse_args()
@@ -95,23 +128,34 @@ def main() -> None:
                                     with_labels=True, **run)
             return reduce_loss(sums, ps)
 
-        def importance() -> float:
+        def importance(stats_dir=None) -> float:
             return estimate_importance(model, ps, dataset, model_config=cfg, config=settings,
-                                       num_samples=args.samples, **run).calibration_loss
+                                       num_samples=args.samples, stats_dir=stats_dir,
+                                       **run).calibration_loss
+
+        def with_stats() -> float:
+            with tempfile.TemporaryDirectory() as stats:
+                return importance(stats)
+
+        passes = {"plain": plain, "importance": importance,
+                  **({"importance + stats": with_stats} if args.stats else {})}
 
         hook_s = _time_hooks()
         assert abs(plain() - importance()) < 1e-6  # warm-up; same batches, same loss
-        times = {"plain": [], "importance": []}
-        cpu = {"plain": [], "importance": []}
+        times = {name: [] for name in passes}
+        cpu = {name: [] for name in passes}
         hooks = []
         for _ in range(args.repeats):
-            for name, fn in (("plain", plain), ("importance", importance)):
+            for name, fn in passes.items():
                 start, start_cpu = time.perf_counter(), time.process_time()
                 fn()
                 times[name].append(time.perf_counter() - start)
                 cpu[name].append(time.process_time() - start_cpu)
                 if name == "importance":
                     hooks.append(hook_s.pop())
+                elif name == "importance + stats":
+                    hook_s.pop()
+        profile = _profile_difference(plain, importance, args.profile) if args.profile else None
     plain_s, imp_s = (statistics.median(times[k]) for k in ("plain", "importance"))
     pairs = [i / p for i, p in zip(times["importance"], times["plain"], strict=True)]
     print(json.dumps({
@@ -126,7 +170,11 @@ def main() -> None:
         "hook_share_of_importance_pass": round(statistics.median(
             h / t for h, t in zip(hooks, times["importance"], strict=True)), 4),
         "all_plain_s": [round(t, 3) for t in times["plain"]],
-        "all_importance_s": [round(t, 3) for t in times["importance"]]}))
+        "all_importance_s": [round(t, 3) for t in times["importance"]],
+        **({"importance_with_stats_s": round(statistics.median(times["importance + stats"]), 3),
+            "ratio_with_stats": round(statistics.median(times["importance + stats"]) / plain_s,
+                                      4)} if args.stats else {}),
+        **({"profile": profile} if profile else {})}))
 
 
 if __name__ == "__main__":

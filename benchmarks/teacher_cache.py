@@ -68,6 +68,10 @@ def main(argv=None) -> dict:
     p.add_argument("--quality-iters", type=int, default=32)
     p.add_argument("--eval-samples", type=int, default=64)
     p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--parts", default="search,quality",
+                   help="which halves to run (each merges into --output)")
+    p.add_argument("--live-top-k", default=",".join(map(str, TOP_K)),
+                   help="the k of the live --kd-top-k runs beside the cached ones")
     p.add_argument("--quick", action="store_true", help="tiny budgets (a smoke run)")
     args = p.parse_args(argv)
     if args.quick:
@@ -85,7 +89,10 @@ def main(argv=None) -> dict:
     def warmup(steps: int) -> list[str]:
         return ["--lr-warmup-iters", str(min(2, steps - 1))]
 
-    result: dict = {"settings": vars(args)}
+    parts = set(args.parts.split(","))
+    result: dict = json.loads(out.read_text()) if out.is_file() and parts != {
+        "search", "quality"} else {}
+    result["settings"] = vars(args)
 
     # 1. the search, live vs cached
     scores, space = work / "scores.safetensors", work / "space.yaml"
@@ -93,14 +100,26 @@ def main(argv=None) -> dict:
     if not scores.is_file():
         cli(["importance", "--load", args.teacher, *data, "--calib-samples",
              str(args.calib_samples), "--micro-batch-size", "4", "--save-scores", str(scores)])
+    if "search" in parts:
+        search_part(args, result, work, out, data, sched, warmup(args.candidate_train_iters))
+    if "quality" in parts:
+        quality_part(args, result, work, out, data, sched, warmup(args.quality_iters))
+    print(report(result), flush=True)
+    return result
+
+
+def search_part(args, result, work, out, data, sched, warmup) -> None:
+    """The same search with the live teacher and from a cache built for it: wall times."""
+    gbs, seq = args.global_batch_size, args.seq_length
+    scores, space = work / "scores.safetensors", work / "space.yaml"
     search = ["search", "--load", args.teacher, "--scores", str(scores), "--search-space",
               str(space), "--target-params", "67M", "--params-tolerance", "0.03",
               "--candidate-train-iters", str(args.candidate_train_iters),
               "--candidate-eval-iters", str(max(1, args.eval_samples // gbs)), "--keep-all",
-              *data, *sched, *warmup(args.candidate_train_iters)]
+              *data, *sched, *warmup]
     iters = args.candidate_train_iters
-    cache64, cache256 = work / "cache-k64", work / "cache-k256"
-    for stale in ("search-live", "search-cached", cache64.name, cache256.name):
+    cache64 = work / "cache-k64"
+    for stale in ("search-live", "search-cached", cache64.name):
         shutil.rmtree(work / stale, ignore_errors=True)  # every time below is a fresh run
     _, live_s = cli([*search, "--save", str(work / "search-live"), "--kd-top-k", "64"])
     _, build_s = cli(["teacher-cache", "--teacher", args.teacher, "--save", str(cache64),
@@ -122,9 +141,16 @@ def main(argv=None) -> dict:
         "post_kd": {c["name"]: [c["post_kd_loss"], d["post_kd_loss"]]
                     for c in live["candidates"] for d in cached["candidates"]
                     if c["name"] == d["name"]}}
+    result["bytes_per_token"] = {"k=64 fp16": {
+        "stated": 64 * 6 + 4, "on_disk": disk_bytes_per_token(cache64, iters * gbs * seq)}}
     out.write_text(json.dumps(result, indent=1))
 
-    # 2. what top-k costs in quality, live and cached
+
+def quality_part(args, result, work, out, data, sched, warmup) -> None:
+    """One pruned candidate distilled with full KD, live top-k and cached top-k: held-out loss."""
+    gbs, seq = args.global_batch_size, args.seq_length
+    cache256 = work / "cache-k256"
+    shutil.rmtree(cache256, ignore_errors=True)
     student = work / "search-cached" / "candidates" / result["search"]["ranking_live"][0] \
         / "pruned"
     q = args.quality_iters
@@ -132,16 +158,18 @@ def main(argv=None) -> dict:
                        "--cache-top-k", "256", "--train-iters", str(q),
                        "--global-batch-size", str(gbs), "--micro-batch-size", "4", *data])
     runs = {"full KD": ["--teacher", args.teacher]}
+    live = {int(k) for k in args.live_top_k.split(",") if k}
     for k in TOP_K:
-        runs[f"live top-{k}"] = ["--teacher", args.teacher, "--kd-top-k", str(k)]
+        if k in live:
+            runs[f"live top-{k}"] = ["--teacher", args.teacher, "--kd-top-k", str(k)]
         runs[f"cached top-{k}"] = ["--teacher-cache", str(cache256), "--kd-top-k", str(k)]
-    quality = result.setdefault("quality", {"student": str(student), "cache_build_s": build256})
+    quality = result["quality"] = {"student": str(student), "cache_build_s": build256}
     for name, source in runs.items():
         save = work / "kd" / name.replace(" ", "-")
         shutil.rmtree(save, ignore_errors=True)
         _, seconds = cli(["distill", "--student", str(student), *source, "--save", str(save),
                           "--train-iters", str(q), *data,
-                          *sched, *warmup(q), "--save-interval", str(q),
+                          *sched, *warmup, "--save-interval", str(q),
                           "--log-interval", str(q)])
         evaluated, _ = cli(["evaluate", "--load", str(save), *data, "--eval-samples",
                             str(args.eval_samples), "--micro-batch-size", "4",
@@ -150,14 +178,9 @@ def main(argv=None) -> dict:
                          **evaluated.get("window_starts", {})}
         out.write_text(json.dumps(result, indent=1))
 
-    # 3. bytes per token
-    result["bytes_per_token"] = {
-        f"k={k} fp16": {"stated": k * 6 + 4,
-                        "on_disk": disk_bytes_per_token(cache, tokens)}
-        for k, cache, tokens in ((64, cache64, iters * gbs * seq), (256, cache256, q * gbs * seq))}
+    result.setdefault("bytes_per_token", {})["k=256 fp16"] = {
+        "stated": 256 * 6 + 4, "on_disk": disk_bytes_per_token(cache256, q * gbs * seq)}
     out.write_text(json.dumps(result, indent=1))
-    print(report(result), flush=True)
-    return result
 
 
 def report(r: dict) -> str:
@@ -169,13 +192,13 @@ def report(r: dict) -> str:
              f"| (T + cached) / live | **{s['ratio']:.3f}** (goal ≤ {s['goal']:.3f}) |",
              f"| same ranking | {s['ranking_live'] == s['ranking_cached']} |", "",
              "| distillation | loss | as sampled | doc start | s |", "|---|---:|---:|---:|---:|"]
-    for name, q in r["quality"].items():
+    for name, q in r.get("quality", {}).items():
         if isinstance(q, dict):
             lines.append(f"| {name} | {q['loss']:.4f} | {q.get('as_sampled', float('nan')):.4f} "
                          f"| {q.get('doc_start', float('nan')):.4f} | {q['seconds']:.0f} |")
     lines += ["", "| cache | bytes/token stated | on disk |", "|---|---:|---:|"]
     lines += [f"| {k} | {v['stated']} | {v['on_disk']:.1f} |"
-              for k, v in r["bytes_per_token"].items()]
+              for k, v in r.get("bytes_per_token", {}).items()]
     return "\n".join(lines)
 
 

@@ -3,7 +3,9 @@
 Both start from the same loaded checkpoint (one process, TP=1: ModelOpt's only layout), calibrate
 on the same TRAIN-split samples and produce the same target shape; timed is what each needs from
 a loaded model to a pruned one (ours: calibration with hooks + Gram statistics + scoring + plan +
-position-0 fold + least-squares refit; ModelOpt: its whole ``mtp.prune`` call). Then both pruned
+position-0 fold + least-squares refit; ModelOpt: its whole ``mtp.prune`` call). Ours is also timed
+with the paper's method (scores only, sliced: the same work as ModelOpt's call), and per stage
+(calibration pass; plan + prune + refit). Then the pruned
 models are evaluated on the same VALID-split samples, with the loss by window start. Our pruned
 model is also saved (``--save``) for the other benchmarks.
 
@@ -77,21 +79,38 @@ def main(argv: list[str] | None = None) -> dict:
             result[f"{name}_window_starts"] = r.window_starts
             return r.loss
 
-        model = loaded()
-        start = time.perf_counter()
-        with tempfile.TemporaryDirectory() as stats:
-            scores = estimate_importance(model, ps, datasets["train"], model_config=cfg,
-                                         num_samples=args.calib_samples, micro_batch_size=mb,
-                                         seq_length=seq, config=ImportanceConfig(depth_metrics=()),
-                                         stats_dir=stats)
-            ours, ours_cfg = apply_plan(model, make_plan(scores, PruneTargets(**TARGET)), ps,
-                                        reconstruct=Reconstructor(ReconstructConfig(stats=stats)))
-        result["ours_seconds"] = time.perf_counter() - start
+        def prune_ours(robust: bool):
+            """Ours from a loaded model: (pruned, config, {stage: seconds}). ``robust``: the
+            default (Gram statistics in the calibration pass, least-squares refit); else the
+            paper's method (scores only, sliced), the same work as ModelOpt's prune call."""
+            model = loaded()
+            seconds = {}
+            with tempfile.TemporaryDirectory() as stats:
+                start = time.perf_counter()
+                scores = estimate_importance(
+                    model, ps, datasets["train"], model_config=cfg,
+                    num_samples=args.calib_samples, micro_batch_size=mb, seq_length=seq,
+                    config=ImportanceConfig(depth_metrics=()), stats_dir=stats if robust else None)
+                seconds["importance"] = time.perf_counter() - start
+                refit = Reconstructor(ReconstructConfig(stats=stats)) if robust else None
+                pruned, pruned_cfg = apply_plan(model, make_plan(scores, PruneTargets(**TARGET)),
+                                                ps, reconstruct=refit)
+                seconds["prune"] = time.perf_counter() - start - seconds["importance"]
+            seconds["total"] = time.perf_counter() - start
+            return pruned, pruned_cfg, seconds
+
+        paper, _, paper_seconds = prune_ours(robust=False)
+        result["ours_paper_seconds"] = paper_seconds
+        result["ours_paper_loss"] = loss(paper, "ours_paper")
+        del paper
+        ours, ours_cfg, ours_seconds = prune_ours(robust=True)
+        result["ours_stages_seconds"] = ours_seconds
+        result["ours_seconds"] = ours_seconds["total"]
         result["ours_loss"] = loss(ours, "ours")
         if args.save:
             save_checkpoint(args.save, model=ours, model_config=ours_cfg,
                             tokenizer_dir=info.tokenizer_dir)
-        del ours, model
+        del ours
 
         try:
             model = loaded()
@@ -102,6 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
             result["modelopt_loss"] = loss(peer, "modelopt")
             result["time_ratio_ours_over_modelopt"] = (result["ours_seconds"]
                                                        / result["modelopt_seconds"])
+            result["time_ratio_ours_paper_over_modelopt"] = (
+                result["ours_paper_seconds"]["total"] / result["modelopt_seconds"])
         except ImportError:
             result["modelopt"] = f"not installed: {MODELOPT_INSTALL}"
     print(json.dumps(result), flush=True)
