@@ -60,6 +60,13 @@ def _row_chunks(rows: int, vocab: int):
         yield slice(start, min(start + step, rows))
 
 
+def _in_shard(ids: torch.Tensor, lo: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global vocabulary ids → (their column in this shard ``[lo, lo + vocab)``, clamped into it;
+    whether this shard owns them)."""
+    local = ids - lo
+    return local.clamp(0, vocab - 1), (local >= 0) & (local < vocab)
+
+
 def _workspace(count: int, rows: int, vocab: int, device) -> list[torch.Tensor]:
     """``count`` fp32 chunk buffers, reused by every chunk (no allocation per chunk)."""
     shape = (min(_rows_per_chunk(vocab), rows), vocab)
@@ -109,7 +116,7 @@ class _VocabParallelKD(torch.autograd.Function):
         t = teacher.reshape(-1, vocab)  # [N, V/tp]
         n = s.shape[0]
         with_ce = labels is not None
-        lo, hi = _vocab_range(vocab, group)
+        lo, _ = _vocab_range(vocab, group)
 
         # Row maxima over the whole vocabulary (max(z/τ) = max(z)/τ for τ > 0).
         maxima = torch.stack([s.amax(-1).float(), t.amax(-1).float()])  # [2, N]
@@ -127,10 +134,8 @@ class _VocabParallelKD(torch.autograd.Function):
                 sums[3, rows] = torch.mul(u_s, temperature, out=work[2][:r]).exp_().sum(-1)
             diff = torch.sub(*((u_s, u_t) if reverse else (u_t, u_s)), out=work[2][:r])
             if with_ce:
-                lab = labels.reshape(-1)[rows]
-                owned = (lab >= lo) & (lab < hi)
-                local = (lab - lo).clamp(0, vocab - 1)[:, None]
-                picked = s[rows].gather(-1, local).squeeze(-1).float() - max_s[rows]  # [r]
+                local, owned = _in_shard(labels.reshape(-1)[rows], lo, vocab)
+                picked = s[rows].gather(-1, local[:, None]).squeeze(-1).float() - max_s[rows]
                 sums[4, rows] = torch.where(owned, picked, torch.zeros_like(picked))
             e_s, e_t = u_s.exp_(), u_t.exp_()  # in place
             sums[0, rows] = e_s.sum(-1)
@@ -190,10 +195,8 @@ class _VocabParallelKD(torch.autograd.Function):
             if g_ce is not None:  # + g_ce·(softmax(z) − onehot(label))
                 if p1 is not None:
                     grad.add_(p1.mul_(g_ce[rows, None]))
-                lab = labels[rows]
-                owned = ((lab >= lo) & (lab < lo + vocab)).float()
-                local = (lab - lo).clamp(0, vocab - 1)[:, None]
-                grad.scatter_add_(-1, local, -(owned * g_ce[rows])[:, None])
+                local, owned = _in_shard(labels[rows], lo, vocab)
+                grad.scatter_add_(-1, local[:, None], -(owned.float() * g_ce[rows])[:, None])
             if not in_place:
                 s[rows] = grad
         return s.view(shape), None, None, None, None, None  # the logits are consumed
@@ -281,14 +284,11 @@ class _TopKKD(torch.autograd.Function):
             if both:
                 sums[1, rows] = torch.mul(u_s, temperature, out=work[1][:r]).exp_().sum(-1)
             sums[0, rows] = u_s.exp_().sum(-1)
-        local = ids.reshape(n, k).to(s.device, torch.long) - lo  # [N, k]
-        owned = (local >= 0) & (local < vocab)
-        local = local.clamp_(0, vocab - 1)
+        local, owned = _in_shard(ids.reshape(n, k).to(s.device, torch.long), lo, vocab)  # [N, k]
         at_k = s.gather(-1, local).float().masked_fill_(~owned, 0.0)  # [N, k]
         if with_ce:
-            lab = labels.reshape(-1)
-            lab_owned = (lab >= lo) & (lab < lo + vocab)
-            picked = s.gather(-1, (lab - lo).clamp(0, vocab - 1)[:, None]).squeeze(-1).float()
+            lab, lab_owned = _in_shard(labels.reshape(-1), lo, vocab)
+            picked = s.gather(-1, lab[:, None]).squeeze(-1).float()
             sums[2] = torch.where(lab_owned, picked - max_s, torch.zeros_like(picked))
         at_k = _all_reduce(at_k, group)  # [N, k]: z_s at the teacher's ids, from their owners
         _all_reduce(sums, group)
@@ -342,9 +342,8 @@ class _TopKKD(torch.autograd.Function):
                 s[rows] = grad
         s.scatter_add_(-1, local, (-(a[:, None] * q) * owned).to(s.dtype))  # − τ·a·q on K
         if g_ce is not None:  # − g_ce · onehot(label)
-            lab_owned = ((labels >= lo) & (labels < lo + vocab)).to(s.dtype)
-            s.scatter_add_(-1, (labels - lo).clamp(0, vocab - 1)[:, None],
-                           -(lab_owned * g_ce)[:, None].to(s.dtype))
+            lab, lab_owned = _in_shard(labels, lo, vocab)
+            s.scatter_add_(-1, lab[:, None], -(lab_owned.to(s.dtype) * g_ce.to(s.dtype))[:, None])
         return s.view(shape), None, None, None, None, None
 
 
