@@ -112,13 +112,13 @@ def make_manifest(*, teacher, data, num_samples: int, config: TeacherCacheConfig
 # ---------------------------------------------------------------------- a TP-sharded row
 def log_sum_exp(logits: torch.Tensor, group) -> torch.Tensor:
     """``log Σ_v exp(z_v)`` of each row over the sharded vocabulary: ``[N]`` fp32."""
-    z = logits.float()
-    top = z.amax(-1)  # [N]
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-    sums = (z - top[:, None]).exp().sum(-1)  # [N]
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(sums, group=group)
+    lse = torch.logsumexp(logits.float(), dim=-1)  # [N] over this shard (one fused pass)
+    if group is None or dist.get_world_size(group) == 1:
+        return lse
+    top = lse.clone()  # [N]: the largest shard's log-sum, so that exp(lse − top) ≤ 1
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    sums = (lse - top).exp()  # [N]: Σ over this shard of exp(z − top)
+    dist.all_reduce(sums, group=group)
     return top + sums.log()
 
 
