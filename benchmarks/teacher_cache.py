@@ -72,6 +72,9 @@ def main(argv=None) -> dict:
                    help="which halves to run (each merges into --output)")
     p.add_argument("--live-top-k", default=",".join(map(str, TOP_K)),
                    help="the k of the live --kd-top-k runs beside the cached ones")
+    p.add_argument("--quality-runs", default="",
+                   help="only these quality rows (e.g. 'cached top-256,live top-16'), kept "
+                        "beside those already in --output; the k=256 cache is reused if there")
     p.add_argument("--quick", action="store_true", help="tiny budgets (a smoke run)")
     args = p.parse_args(argv)
     if args.quick:
@@ -150,9 +153,13 @@ def quality_part(args, result, work, out, data, sched, warmup) -> None:
     """One pruned candidate distilled with full KD, live top-k and cached top-k: held-out loss."""
     gbs, seq = args.global_batch_size, args.seq_length
     cache256 = work / "cache-k256"
-    shutil.rmtree(cache256, ignore_errors=True)
     student = work / "search-cached" / "candidates" / result["search"]["ranking_live"][0] \
         / "pruned"
+    wanted = {name.strip() for name in args.quality_runs.split(",") if name.strip()}
+    old = result.get("quality") or {}
+    if not wanted or old.get("student") != str(student):  # every row from a fresh cache
+        shutil.rmtree(cache256, ignore_errors=True)
+        old = {}
     q = args.quality_iters
     _, build256 = cli(["teacher-cache", "--teacher", args.teacher, "--save", str(cache256),
                        "--cache-top-k", "256", "--train-iters", str(q),
@@ -163,8 +170,10 @@ def quality_part(args, result, work, out, data, sched, warmup) -> None:
         if k in live:
             runs[f"live top-{k}"] = ["--teacher", args.teacher, "--kd-top-k", str(k)]
         runs[f"cached top-{k}"] = ["--teacher-cache", str(cache256), "--kd-top-k", str(k)]
-    quality = result["quality"] = {"student": str(student), "cache_build_s": build256}
+    quality = result["quality"] = {"student": str(student), "cache_build_s": build256, **old}
     for name, source in runs.items():
+        if wanted and name not in wanted:
+            continue
         save = work / "kd" / name.replace(" ", "-")
         shutil.rmtree(save, ignore_errors=True)
         _, seconds = cli(["distill", "--student", str(student), *source, "--save", str(save),
