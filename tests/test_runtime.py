@@ -56,6 +56,14 @@ def fail_on_rank_one(env: LaunchEnv):
         dist.barrier()  # rank 0 would wait here forever
 
 
+def fail_late_on_rank_one(env: LaunchEnv):
+    """Rank 0 reports first (as a peer whose collective broke would), rank 1 the root cause."""
+    if env.rank == 1:
+        time.sleep(1.0)
+        raise ValueError("root cause on rank 1")
+    raise RuntimeError("Connection closed by peer")
+
+
 def hang_on_rank_one(env: LaunchEnv):
     if env.rank == 1:
         time.sleep(600)
@@ -67,6 +75,15 @@ def test_a_failing_rank_fails_the_run_at_once():
     with pytest.raises(DistributedRunError, match="boom on purpose"):
         run_distributed(fail_on_rank_one, 2, timeout=120)
     assert time.monotonic() - start < 60
+
+
+@pytest.mark.multiprocess
+def test_the_root_cause_is_reported_even_when_a_peer_fails_first():
+    with pytest.raises(DistributedRunError) as failure:
+        run_distributed(fail_late_on_rank_one, 2, timeout=120)
+    message = str(failure.value)
+    assert "rank 0 failed" in message and "Connection closed by peer" in message
+    assert "rank 1 failed" in message and "root cause on rank 1" in message
 
 
 @pytest.mark.multiprocess

@@ -35,6 +35,11 @@ _EXIT_GRACE_S = 10.0
 _EXIT_GRACE_OK_S = 60.0
 """How long ranks may take to exit after all reported success."""
 
+_FAILURE_REPORT_S = 5.0
+"""After one rank fails, how long to wait for the others' reports: the first report is often a
+peer's "connection closed" from a collective that the failing rank's teardown broke, not the
+root cause, which that rank reports only after its own teardown."""
+
 
 class DistributedRunError(RuntimeError):
     """A rank failed or the run timed out."""
@@ -112,5 +117,23 @@ def _wait(procs: list, status: mp.Queue, timeout: float) -> None:
                 ) from None
             continue
         if error is not None:
-            raise DistributedRunError(f"rank {rank} failed:\n{error}")
+            raise DistributedRunError(_failure_report(procs, status, pending, {rank: error}))
         pending.discard(rank)
+
+
+def _failure_report(procs: list, status: mp.Queue, pending: set[int],
+                    errors: dict[int, str]) -> str:
+    """Every failing rank's traceback, in rank order, from reports arriving within
+    ``_FAILURE_REPORT_S`` of the first."""
+    waiting = pending - errors.keys()
+    deadline = time.monotonic() + _FAILURE_REPORT_S
+    while waiting and (left := deadline - time.monotonic()) > 0:
+        try:
+            rank, error = status.get(timeout=min(left, 0.5))
+        except queue.Empty:
+            waiting = {r for r in waiting if procs[r].is_alive()}
+            continue
+        waiting.discard(rank)
+        if error is not None:
+            errors[rank] = error
+    return "\n".join(f"rank {r} failed:\n{errors[r]}" for r in sorted(errors))
