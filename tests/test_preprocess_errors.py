@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from pathlib import Path
 
 import pytest
 
@@ -50,6 +52,19 @@ def test_nothing_kept_is_an_error(tiny_tokenizer, tmp_path, capsys):
     assert not list(tmp_path.glob("out*"))
 
 
+def _open_files_under(directory):
+    """Paths under ``directory`` that this process still holds open (Linux: /proc/self/fd)."""
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # the descriptor listdir itself used, already closed
+            continue
+        if target.startswith(str(directory)):
+            held.append(target)
+    return held
+
+
 def test_invalid_json_names_file_and_line_and_leaves_nothing(tiny_tokenizer, tmp_path, capsys):
     source = tmp_path / "bad.jsonl"
     lines = [json.dumps({"text": "ka lo mi ne"})] * 1500 + ['{"text": "su ta']
@@ -57,6 +72,8 @@ def test_invalid_json_names_file_and_line_and_leaves_nothing(tiny_tokenizer, tmp
     err = _fail(source, tiny_tokenizer, tmp_path / "out", capsys)
     assert f"{source} line 1501 is not valid JSON" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+    if Path("/proc/self/fd").is_dir():  # the removed temporary .bin is not held open either
+        assert _open_files_under(tmp_path) == []
     (tmp_path / "bad.json").write_text('{"a": "x",\n "b": }')
     err = _fail(tmp_path / "bad.json", tiny_tokenizer, tmp_path / "out", capsys)
     assert f"{tmp_path / 'bad.json'} is not valid JSON" in err and "line 2" in err

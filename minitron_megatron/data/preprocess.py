@@ -165,6 +165,7 @@ def preprocess(
     first = next(documents, None)
     n_docs = n_tokens = 0
     tmp = f"{prefix}.tmp{os.getpid()}"
+    builder = None
     try:
         if first is None:
             what = f": {skipped.total} records skipped, {skipped.describe(json_keys)}" \
@@ -185,6 +186,8 @@ def preprocess(
         for ext in (".bin", ".idx"):
             os.replace(f"{tmp}{ext}", f"{prefix}{ext}")
     finally:
+        if builder is not None:  # finalize() closes it; a failed build must not leak it
+            builder.data_file.close()
         for ext in (".bin", ".idx"):
             if os.path.exists(f"{tmp}{ext}"):
                 os.remove(f"{tmp}{ext}")
