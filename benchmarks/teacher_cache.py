@@ -34,6 +34,8 @@ SPACE = ("num_layers: [30, 27]\nhidden_size: [448, 512]\nffn_hidden_size: [576, 
 """Four shapes of SmolLM2 within 67M ± 3 % (L30-H448-F576-A9, L27-H448-F768-A9,
 L30-H448-F768-A6, L27-H512-F576-A6)."""
 TOP_K = (16, 64, 256)
+LOGS: list[Path] = []
+"""Where ``cli`` keeps each command's output (the per-step times of a search), set by ``main``."""
 
 
 def cli(args: list[str]) -> tuple[dict, float]:
@@ -45,6 +47,10 @@ def cli(args: list[str]) -> tuple[dict, float]:
     proc = subprocess.run([sys.executable, "-m", "minitron_megatron", *args],
                           capture_output=True, text=True, env=env)
     seconds = time.perf_counter() - start
+    if LOGS:
+        LOGS[0].mkdir(parents=True, exist_ok=True)
+        n = len(list(LOGS[0].iterdir()))
+        (LOGS[0] / f"{n:02d}-{args[0]}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
         raise RuntimeError(f"minitron {args[0]} failed (exit {proc.returncode})")
@@ -75,6 +81,10 @@ def main(argv=None) -> dict:
     p.add_argument("--quality-runs", default="",
                    help="only these quality rows (e.g. 'cached top-256,live top-16'), kept "
                         "beside those already in --output; the k=256 cache is reused if there")
+    p.add_argument("--cached-first", action="store_true",
+                   help="run the cache build and the cached search before the live search "
+                        "(the default order is live first): a second run in the other order "
+                        "shows what the position in the run costs")
     p.add_argument("--quick", action="store_true", help="tiny budgets (a smoke run)")
     args = p.parse_args(argv)
     if args.quick:
@@ -82,6 +92,8 @@ def main(argv=None) -> dict:
         args.eval_samples, args.calib_samples = 4, 4
     work, out = Path(args.work_dir), Path(args.output)
     work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work / "logs", ignore_errors=True)
+    LOGS[:] = [work / "logs"]
     out.parent.mkdir(parents=True, exist_ok=True)
     gbs, seq = args.global_batch_size, args.seq_length
     data = ["--data-path", args.data_path, "--seq-length", str(seq)]
@@ -124,18 +136,27 @@ def search_part(args, result, work, out, data, sched, warmup) -> None:
     cache64 = work / "cache-k64"
     for stale in ("search-live", "search-cached", cache64.name):
         shutil.rmtree(work / stale, ignore_errors=True)  # every time below is a fresh run
-    _, live_s = cli([*search, "--save", str(work / "search-live"), "--kd-top-k", "64"])
+
+    def run_live() -> float:
+        return cli([*search, "--save", str(work / "search-live"), "--kd-top-k", "64"])[1]
+
+    if not args.cached_first:
+        live_s = run_live()
     _, build_s = cli(["teacher-cache", "--teacher", args.teacher, "--save", str(cache64),
                       "--cache-top-k", "64", "--train-iters", str(iters),
                       "--global-batch-size", str(gbs), "--micro-batch-size", "4", *data])
     _, cached_s = cli([*search, "--save", str(work / "search-cached"),
                        "--teacher-cache", str(cache64)])
+    if args.cached_first:
+        live_s = run_live()
     live, cached = (json.loads((work / d / "search_results.json").read_text())
                     for d in ("search-live", "search-cached"))
     n = len(live["candidates"])
     per_candidate = cached_s / n
     ideal = (build_s + n * per_candidate) / (n * (build_s + per_candidate))
     result["search"] = {
+        "order": "cached first" if args.cached_first else "live first",
+        "malloc": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         "candidates": n, "live_s": live_s, "cache_build_s": build_s, "cached_s": cached_s,
         "ratio": (build_s + cached_s) / live_s, "goal": ideal * 1.1,
         "ranking_live": [c["name"] for c in sorted(live["candidates"], key=lambda c: c["rank"])],
