@@ -63,7 +63,7 @@ demo: venv
 test: test311 test312
 
 test311: venv
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=15
 
 # The installed wheel is what runs: the tests, benchmarks and recipes are copied out of the
 # source tree so `import minitron_megatron` finds site-packages (test_wheel.py, which builds the
@@ -73,7 +73,7 @@ test312: venv312
 	rm -rf $(VENV312)/suite && mkdir -p $(VENV312)/suite
 	cp -r tests benchmarks examples launch pyproject.toml README.md $(VENV312)/suite/
 	cd $(VENV312)/suite && ../bin/python -c "import minitron_megatron, sys; assert 'site-packages' in minitron_megatron.__file__, minitron_megatron.__file__; from minitron_megatron.runtime.mcore_compat import mcore_version; print('Python', sys.version.split()[0], '| megatron-core', mcore_version(), '| installed wheel')"
-	cd $(VENV312)/suite && PATH=$(CURDIR)/$(VENV312)/bin:$$PATH ../bin/python -m pytest -q -m "not modelopt" --ignore=tests/test_wheel.py
+	cd $(VENV312)/suite && PATH=$(CURDIR)/$(VENV312)/bin:$$PATH ../bin/python -m pytest -q --durations=15 -m "not modelopt" --ignore=tests/test_wheel.py
 
 lint: venv
 	$(VENV)/bin/ruff check minitron_megatron tests benchmarks
