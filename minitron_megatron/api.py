@@ -296,7 +296,8 @@ def search(*, load: Checkpoint, scores: Scores | str | Path, config: SearchConfi
            train: TrainConfig, data: DataConfig, kd: KDConfig | None = None,
            space: SearchSpace | str | Path | None = None, parallel: ParallelConfig | None = None,
            params_dtype: torch.dtype | None = None, launch: LaunchEnv | None = None,
-           teacher_cache: str | Path | None = None) -> SearchResults:
+           teacher_cache: str | Path | None = None,
+           cache_teacher: TeacherCacheConfig | None = None) -> SearchResults:
     """Architecture search from teacher checkpoint ``load``: every shape of ``space`` (a
     ``SearchSpace``, its YAML file, or ``None`` for the default choices per axis) within
     ``config``'s parameter budget (a ``SearchConfig``) is pruned by ``scores``, distilled for
@@ -305,7 +306,9 @@ def search(*, load: Checkpoint, scores: Scores | str | Path, config: SearchConfi
     (also written to ``search_results.{json,md}``); a SIGTERM/SIGINT raises ``RunInterrupted``
     after saving. With ``teacher_cache`` (the teacher's top-k written by ``teacher_cache`` for
     the same training samples) every candidate distills from it instead of running the
-    teacher.
+    teacher. With ``cache_teacher`` (a ``TeacherCacheConfig``) the search builds that cache
+    itself, once, with the teacher it loads for the zero-shot losses (in
+    ``config.save/teacher_cache``, removed at the end unless ``config.keep_all``).
 
     Example::
 
@@ -321,6 +324,10 @@ def search(*, load: Checkpoint, scores: Scores | str | Path, config: SearchConfi
     from minitron_megatron.importance import Scores
     from minitron_megatron.search import SearchSpace, prepare_search, run_search
 
+    from minitron_megatron.search.preflight import CACHE_TWICE
+
+    if cache_teacher is not None and teacher_cache is not None:
+        raise UserError(CACHE_TWICE)
     parallel = parallel or ParallelConfig()
     params_dtype = params_dtype or default_params_dtype()
     launch = launch if launch is not None else launch_env()
@@ -338,7 +345,8 @@ def search(*, load: Checkpoint, scores: Scores | str | Path, config: SearchConfi
                           train=train, kd=kd or KDConfig(), data=data, parallel=parallel,
                           world_size=launch.world_size, params_dtype=params_dtype,
                           seed=parallel.seed,
-                          teacher_cache=TeacherCache(teacher_cache) if teacher_cache else None)
+                          teacher_cache=TeacherCache(teacher_cache) if teacher_cache else None,
+                          cache_teacher=cache_teacher)
     with run_distributed(parallel, launch) as ps:
         return run_search(plan, ps, params_dtype=params_dtype, seed=parallel.seed)
 

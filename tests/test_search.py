@@ -229,7 +229,10 @@ def test_resume_with_another_top_k_keeps_every_recorded_loss(single, assets, tmp
 
 def test_search_from_a_teacher_cache_ranks_as_the_live_top_k_search(assets, tmp_path, capsys):
     """Every candidate distilled from the cached top-k ends at the loss the live teacher with
-    --kd-top-k gives; a cache of another teacher is refused in one line."""
+    --kd-top-k gives, whether the cache was built by `minitron teacher-cache` or by the search
+    itself (--cache-teacher: built once with the teacher it loaded for the zero-shot losses,
+    its shards dealt to 2 data-parallel ranks under torchrun, removed when the search is done);
+    a cache of another teacher is refused in one line."""
     top_k = ["--kd-top-k", "8"]
     cli.main(search_args(assets, tmp_path / "live", *top_k))
     cache = tmp_path / "cache"
@@ -238,12 +241,27 @@ def test_search_from_a_teacher_cache_ranks_as_the_live_top_k_search(assets, tmp_
               "--global-batch-size", "4", "--micro-batch-size", "2", "--cache-top-k", "8",
               "--cache-dtype", "fp32"])
     cli.main(search_args(assets, tmp_path / "cached", "--teacher-cache", str(cache)))
-    live, cached = (json.loads((tmp_path / d / "search_results.json").read_text())
-                    for d in ("live", "cached"))
-    assert cached["settings"]["kd"]["top_k"] == 8
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node=2", "-m", "minitron_megatron",
+                           *search_args(assets, tmp_path / "built", "--cache-teacher",
+                                        "--cache-top-k", "8", "--cache-dtype", "fp32",
+                                        "--cache-samples-per-shard", "4")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    console = proc.stdout
+    live, cached, built = (json.loads((tmp_path / d / "search_results.json").read_text())
+                           for d in ("live", "cached", "built"))
+    assert cached["settings"]["kd"]["top_k"] == built["settings"]["kd"]["top_k"] == 8
     for name, (zero, post) in _losses(live).items():
-        assert _losses(cached)[name][0] == zero
-        assert _losses(cached)[name][1] == pytest.approx(post, rel=1e-5), name
+        for other in (cached, built):
+            assert _losses(other)[name][0] == zero
+            assert _losses(other)[name][1] == pytest.approx(post, rel=1e-5), name
+    # rank 0 computed every other of the 4 shards (data-parallel rank 1 the rest)
+    assert re.findall(r"samples (\d+-\d+) written", proc.stderr) == ["0-3", "8-11"]
+    assert re.search(rf"teacher cache: top-8 fp32 logits of {ITERS * 4} training samples "
+                     rf"written to .*teacher_cache", console), console
+    assert not (tmp_path / "built" / "teacher_cache").exists()
     manifest = json.loads((cache / "cache.json").read_text())
     manifest["teacher_config"]["rotary_base"] = 500.0
     (cache / "cache.json").write_text(json.dumps(manifest))
@@ -319,6 +337,13 @@ BAD = {
     "data-too-short": (["--candidate-eval-iters", "100000"],  # training cycles epochs
                        "valid split .* fewer than the 400000 requested.*"
                        "--candidate-eval-iters × --global-batch-size = 400000 held-out"),
+    "two-caches": (["--cache-teacher", "--teacher-cache", "{tp_space}"],
+                   "--cache-teacher builds the teacher cache this search reads; pass it or "
+                   "--teacher-cache DIR, not both"),
+    "cache-reverse": (["--cache-teacher", "--kd-reverse"],
+                      "--kd-reverse cannot use a teacher cache"),
+    "cache-k": (["--cache-teacher", "--cache-top-k", "4", "--kd-top-k", "8"],
+                r"--kd-top-k 8 exceeds the teacher cache's k = 4"),
     "seq-length": (["--seq-length", "100000"],
                    "--seq-length 100000 exceeds the model's max_position_embeddings=256"),
 }

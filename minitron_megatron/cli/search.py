@@ -20,6 +20,7 @@ from minitron_megatron.cli.common import (
     train_config,
 )
 from minitron_megatron.cli.options import ConfigOptions
+from minitron_megatron.cli.teacher_cache import CACHE
 from minitron_megatron.search.config import SearchConfig
 
 
@@ -54,6 +55,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the teacher's top-k logits from `minitron teacher-cache` for the "
                         "candidates' training samples: every candidate distills from them "
                         "instead of running the teacher")
+    g.add_argument("--cache-teacher", action="store_true",
+                   help="build that cache within the search, once, with the teacher it loads "
+                        "for the zero-shot losses (in SAVE/teacher_cache, removed at the end "
+                        "unless --keep-all; settings: --cache-top-k, --cache-dtype)")
+    CACHE.add(p.add_argument_group("teacher cache (with --cache-teacher)"))
     g.add_argument("--candidate-eval-iters", type=int, default=1,
                    help="global batches of held-out samples every loss is measured on "
                         "(default: 1)")
@@ -81,7 +87,8 @@ def run(args: argparse.Namespace) -> None:
         search(load=teacher, scores=scores, config=SEARCH.build(args), train=train,
                kd=KD.build(args), data=data_config(args), space=args.search_space,
                parallel=parallel_config(args), params_dtype=params_dtype(args), launch=launch,
-               teacher_cache=args.teacher_cache)
+               teacher_cache=args.teacher_cache,
+               cache_teacher=CACHE.build(args) if args.cache_teacher else None)
     except RunInterrupted as stop:
         if launch.rank == 0:
             print(f"minitron search: {stop}", file=sys.stderr, flush=True)

@@ -73,14 +73,24 @@ def check_run(*, student: CheckpointInfo, teacher: CheckpointInfo | None, kd: KD
                         "parameters; use --params-dtype bf16, or drop the distributed optimizer.")
 
 
-def _check_cache(cache, *, student: CheckpointInfo, kd: KDConfig, train: TrainConfig,
-                 data) -> None:
+def check_cache_objective(kd: KDConfig, cache_top_k: int) -> None:
+    """``UserError`` unless the ``kd`` objective can read a teacher cache of ``cache_top_k``
+    logits per token."""
     if kd.reverse:
         raise UserError("--kd-reverse cannot use a teacher cache: the reverse KL against the "
                         "cached top-k teacher is infinite; use --teacher for the reverse KL.")
     if kd.intermediate_pairs:
         raise UserError("--kd-intermediate needs the teacher's hidden states, which a teacher "
                         "cache does not hold; use --teacher for intermediate-state losses.")
+    if kd.top_k is not None and kd.top_k > cache_top_k:
+        raise UserError(f"--kd-top-k {kd.top_k} exceeds the teacher cache's k = {cache_top_k}; "
+                        f"use --kd-top-k ≤ {cache_top_k} or re-create the cache with a larger "
+                        f"--cache-top-k.")
+
+
+def _check_cache(cache, *, student: CheckpointInfo, kd: KDConfig, train: TrainConfig,
+                 data) -> None:
+    check_cache_objective(kd, cache.top_k)
     cache.check_covers(data=data, num_samples=train.train_iters * train.global_batch_size,
                        padded_vocab_size=student.model_config.padded_vocab_size,
                        top_k=kd.top_k)

@@ -94,6 +94,15 @@ def shard_path(root: str | Path, start: int, stop: int) -> Path:
     return Path(root) / SHARDS / f"samples_{start:010d}-{stop:010d}.safetensors"
 
 
+def missing_shards(root: str | Path, num_samples: int, per_shard: int, *,
+                   upto: int | None = None) -> list[Path]:
+    """The shard files of a cache of ``num_samples`` not (yet) written, of those holding
+    samples below ``upto`` (default: all)."""
+    upto = num_samples if upto is None else upto
+    return [shard_path(root, a, b) for a, b in shard_ranges(num_samples, per_shard)
+            if a < upto and not shard_path(root, a, b).is_file()]
+
+
 def data_identity(data) -> dict[str, Any]:
     """The fields of a ``DataConfig`` that decide which tokens sample ``i`` holds."""
     return {"data_path": str(Path(data.data_path).resolve()), "split": data.split,
@@ -168,9 +177,8 @@ class TeacherCache:
             raise UserError(f"--kd-top-k {top_k} exceeds the teacher cache's k = {self.top_k}; "
                             f"use --kd-top-k ≤ {self.top_k} or re-create the cache with a larger "
                             f"--cache-top-k.")
-        missing = [shard_path(self.root, a, b).name
-                   for a, b in shard_ranges(self.num_samples, self.per_shard)
-                   if a < num_samples and not shard_path(self.root, a, b).is_file()]
+        missing = [path.name for path in missing_shards(self.root, self.num_samples,
+                                                         self.per_shard, upto=num_samples)]
         if missing:
             raise UserError(f"the teacher cache {self.root} is incomplete ({len(missing)} "
                             f"shards missing, e.g. {missing[0]}); rerun the same `minitron "

@@ -64,8 +64,8 @@ def check_teacher_cache(*, teacher, data, num_samples: int, config: TeacherCache
     root = Path(save)
     manifest = make_manifest(teacher=teacher, data=data, num_samples=num_samples, config=config)
     existing = root / MANIFEST
-    if existing.is_file() and not overwrite:
-        old = json.loads(existing.read_text())
+    old = json.loads(existing.read_text()) if existing.is_file() else None
+    if old is not None and not overwrite:
         changed = [k for k in manifest if old.get(k) != manifest[k]]
         if changed:
             raise UserError(f"--save {root} holds a teacher cache made with other settings "
@@ -74,8 +74,9 @@ def check_teacher_cache(*, teacher, data, num_samples: int, config: TeacherCache
     elif root.is_dir() and any(root.iterdir()) and not overwrite:
         raise UserError(f"--save {root} is not empty and holds no teacher cache; pass "
                         f"--overwrite to replace it, or another --save.")
+    # the shards of the same cache are kept (resumed), whatever ``overwrite`` says
     done = sum(p.stat().st_size for p in (root / SHARDS).glob("*.safetensors")) \
-        if existing.is_file() and not overwrite else 0
+        if old == manifest else 0
     check_disk(root, num_samples * data.seq_length * config.bytes_per_token - done)
 
 
@@ -94,9 +95,11 @@ def _prepare(root: Path, manifest: dict, overwrite: bool) -> None:
 
 def write_teacher_cache(info, ps, data, *, num_samples: int, micro_batch_size: int,
                         config: TeacherCacheConfig, save: str | Path, overwrite: bool = False,
-                        params_dtype: torch.dtype = torch.float32) -> Path:
+                        params_dtype: torch.dtype = torch.float32, model=None) -> Path:
     """Compute and store the teacher's top-k for training samples ``0..num_samples−1`` of
-    ``data`` (see the module docstring); returns the cache directory. Collective."""
+    ``data`` (see the module docstring); returns the cache directory. Collective. ``model``:
+    the teacher of ``info`` already built and loaded on this rank (the search's), else it is
+    loaded here."""
     from minitron_megatron.checkpoint import load_checkpoint
     from minitron_megatron.data.loaders import build_datasets, micro_batches
     from minitron_megatron.evaluate import eod_id_of
@@ -119,8 +122,9 @@ def write_teacher_cache(info, ps, data, *, num_samples: int, micro_batch_size: i
         log.info("teacher cache %s: %d of %d shards to compute (k = %d, %s, %d bytes/token)",
                  root, len(box[0]), len(shard_ranges(num_samples, config.samples_per_shard)),
                  k, config.dtype, config.bytes_per_token)
-    model = build_model(cfg, ps, params_dtype=params_dtype, init_weights=False)
-    load_checkpoint(info, model=model)
+    if model is None and box[0]:  # loading is collective: every rank or none
+        model = build_model(cfg, ps, params_dtype=params_dtype, init_weights=False)
+        load_checkpoint(info, model=model)
     dtype = DTYPES[config.dtype]
 
     def top_k_of(batch, logits):  # logits [b, s, V/tp] → this micro-batch's real samples

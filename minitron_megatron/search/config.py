@@ -16,6 +16,9 @@ from minitron_megatron.pruning.targets import DEPTH_METHODS, DepthMethod
 RESULTS_JSON = "search_results.json"
 RESULTS_MD = "search_results.md"
 CANDIDATES_DIR = "candidates"
+TEACHER_CACHE_DIR = "teacher_cache"
+"""Where ``--cache-teacher`` writes the teacher's top-k (removed when the search is done unless
+``keep_all``)."""
 
 
 @dataclass(kw_only=True, frozen=True)

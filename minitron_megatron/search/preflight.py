@@ -22,14 +22,15 @@ from minitron_megatron.checkpoint import CheckpointInfo
 from minitron_megatron.config import DEFAULT_SEED, ParallelConfig
 from minitron_megatron.data.loaders import DataConfig
 from minitron_megatron.distill.config import KDConfig, TrainConfig
-from minitron_megatron.distill.preflight import check_run
-from minitron_megatron.distill.teacher_cache import TeacherCache
+from minitron_megatron.distill.preflight import check_cache_objective, check_run
+from minitron_megatron.distill.teacher_cache import TeacherCache, TeacherCacheConfig
+from minitron_megatron.distill.teacher_cache_write import check_teacher_cache
 from minitron_megatron.errors import UserError
 from minitron_megatron.importance import Scores
 from minitron_megatron.output_paths import check_output_dir
 from minitron_megatron.pruning import PrunePlan, PruneTargets, make_plan
 from minitron_megatron.pruning.preflight import check_same_model
-from minitron_megatron.search.config import RESULTS_JSON, SearchConfig
+from minitron_megatron.search.config import RESULTS_JSON, TEACHER_CACHE_DIR, SearchConfig
 from minitron_megatron.search.results import SearchResults
 from minitron_megatron.search.space import AXES, Candidate, SearchSpace, enumerate_candidates
 
@@ -64,10 +65,27 @@ class SearchPlan:
     """The teacher's cached top-k logits, read by every candidate's distillation instead of
     running the teacher (``None``: the teacher runs)."""
 
+    cache_teacher: TeacherCacheConfig | None = None
+    """Build the teacher cache in ``cache_dir`` with the teacher loaded for the zero-shot
+    losses, then read it as ``teacher_cache`` (``--cache-teacher``)."""
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.search.save / TEACHER_CACHE_DIR
+
+    @property
+    def train_samples(self) -> int:
+        """Training samples of each candidate's distillation (the same ones for all)."""
+        return self.train.train_iters * self.train.global_batch_size
+
     @property
     def eval_samples(self) -> int:
         """Held-out samples every loss of the search is measured on."""
         return self.train.eval_iters * self.train.global_batch_size
+
+
+CACHE_TWICE = ("--cache-teacher builds the teacher cache this search reads; pass it or "
+               "--teacher-cache DIR, not both.")
 
 
 def _jsonable(value: Any) -> Any:
@@ -86,10 +104,14 @@ def scores_digest(scores: Scores) -> str:
 def search_settings(*, teacher: CheckpointInfo, scores: Scores, space: SearchSpace,
                     search: SearchConfig, train: TrainConfig, kd: KDConfig, data: DataConfig,
                     params_dtype: torch.dtype, seed: int,
-                    teacher_cache: TeacherCache | None = None) -> dict[str, Any]:
-    """Everything that decides the search's numbers; a resumed search must match it."""
-    if teacher_cache is not None:  # the cached top-k is the KD objective's teacher
-        kd = teacher_cache.kd_config(kd)
+                    teacher_cache: TeacherCache | None = None,
+                    cache_teacher: TeacherCacheConfig | None = None) -> dict[str, Any]:
+    """Everything that decides the search's numbers; a resumed search must match it (a cache
+    the search builds gives the numbers of the same cache read from a directory)."""
+    cached = ((teacher_cache.top_k, teacher_cache.manifest["dtype"]) if teacher_cache
+              else (cache_teacher.top_k, cache_teacher.dtype) if cache_teacher else None)
+    if cached is not None:  # the cached top-k is the KD objective's teacher
+        kd = dataclasses.replace(kd, top_k=kd.top_k or cached[0])
     train_fields = {k: v for k, v in dataclasses.asdict(train).items()
                     if k not in _UNSCORED_TRAIN_FIELDS}
     data_fields = {k: v for k, v in dataclasses.asdict(data).items() if k != "cache_path"}
@@ -101,8 +123,7 @@ def search_settings(*, teacher: CheckpointInfo, scores: Scores, space: SearchSpa
         "space": {axis: list(getattr(space, axis)) for axis in AXES},
         "train": train_fields, "kd": dataclasses.asdict(kd), "data": data_fields,
         "params_dtype": str(params_dtype).removeprefix("torch."), "seed": seed,
-        **({"teacher_cache_dtype": teacher_cache.manifest["dtype"]}
-           if teacher_cache is not None else {})})
+        **({"teacher_cache_dtype": cached[1]} if cached is not None else {})})
 
 
 def _plan(scores: Scores, candidate: Candidate, depth_method: str) -> PrunePlan:
@@ -165,8 +186,11 @@ def prepare_search(*, teacher: CheckpointInfo, scores: Scores, space: SearchSpac
                    parallel: ParallelConfig, world_size: int,
                    params_dtype: torch.dtype = torch.float32,
                    seed: int = DEFAULT_SEED,
-                   teacher_cache: TeacherCache | None = None) -> SearchPlan:
+                   teacher_cache: TeacherCache | None = None,
+                   cache_teacher: TeacherCacheConfig | None = None) -> SearchPlan:
     """Check everything and plan every candidate; raises one actionable ``ValueError``.
+    ``teacher_cache``: read the teacher's top-k from it; ``cache_teacher``: build that cache
+    first (in ``SAVE/teacher_cache``).
 
     Example::
 
@@ -201,9 +225,18 @@ def prepare_search(*, teacher: CheckpointInfo, scores: Scores, space: SearchSpac
               seq_length=data.seq_length, teacher_cache=teacher_cache, data=data)
     if teacher_cache is not None:
         teacher_cache.check_teacher(teacher)
+    if cache_teacher is not None:
+        if teacher_cache is not None:
+            raise UserError(CACHE_TWICE)
+        check_cache_objective(kd, cache_teacher.top_k)
+        check_teacher_cache(teacher=teacher, data=data,
+                            num_samples=train.train_iters * train.global_batch_size,
+                            config=cache_teacher, save=search.save / TEACHER_CACHE_DIR,
+                            overwrite=True, parallel=parallel)
     settings = search_settings(teacher=teacher, scores=scores, space=space, search=search,
                                train=train, kd=kd, data=data, params_dtype=params_dtype,
-                               seed=seed, teacher_cache=teacher_cache)
+                               seed=seed, teacher_cache=teacher_cache,
+                               cache_teacher=cache_teacher)
     results = _previous(search, settings, candidates, tp, pp)
     if results is None:
         cfg = teacher.model_config
@@ -212,4 +245,4 @@ def prepare_search(*, teacher: CheckpointInfo, scores: Scores, space: SearchSpac
                                                "params": cfg.num_parameters()}, candidates)
     return SearchPlan(teacher=teacher, candidates=tuple(candidates), plans=plans, search=search,
                       train=train, kd=kd, data=data, results=results,
-                      teacher_cache=teacher_cache)
+                      teacher_cache=teacher_cache, cache_teacher=cache_teacher)

@@ -4,6 +4,9 @@
    (``apply_plan``, from the saved scores: no new calibration) and its held-out loss measured.
 2. **Selection**: every candidate (the paper's way), or the ``top_k`` with the lowest zero-shot
    loss (pruning and evaluating is cheap next to distilling).
+   With ``--cache-teacher`` the same teacher then computes its top-k logits over the
+   candidates' training samples once (``write_teacher_cache``), and every candidate below
+   distills from that cache instead of running the teacher.
 3. **Short distillation** of each selected candidate, best zero-shot loss first: its pruned
    checkpoint is written (``prune_checkpoint``), distilled by the ``Trainer`` for
    ``train_iters`` steps, and its loss measured again on the same held-out samples.
@@ -37,6 +40,8 @@ from minitron_megatron.checkpoint import TRACKER_FILE, find_checkpoint, latest_i
 from minitron_megatron.checkpoint import load_checkpoint as load_model
 from minitron_megatron.config import DEFAULT_SEED
 from minitron_megatron.data.loaders import build_datasets
+from minitron_megatron.distill.teacher_cache import TeacherCache, missing_shards
+from minitron_megatron.distill.teacher_cache_write import write_teacher_cache
 from minitron_megatron.distill.training import Trainer
 from minitron_megatron.errors import UserError
 from minitron_megatron.evaluate import eod_id_of, evaluate_model
@@ -88,17 +93,12 @@ def _record(results: SearchResults, plan: SearchPlan, ps: ParallelState) -> None
 
 
 def _zero_shot(plan: SearchPlan, ps: ParallelState, valid, view: SearchProgress,
-               params_dtype: torch.dtype) -> None:
+               teacher) -> None:
     """Prune every candidate without a zero-shot loss from the teacher in memory and measure
     it (the teacher is loaded once)."""
     results = plan.results
     pending = [r for r in results.candidates if r.zero_shot_loss is None]
     view.start_zero_shot(len(pending))
-    if not pending:
-        return
-    teacher = build_model(plan.teacher.model_config, ps, params_dtype=params_dtype,
-                          init_weights=False)
-    load_model(plan.teacher, model=teacher)
     total = len(results.candidates)
     for record in pending:
         start = time.perf_counter()
@@ -109,8 +109,28 @@ def _zero_shot(plan: SearchPlan, ps: ParallelState, valid, view: SearchProgress,
         _record(results, plan, ps)
         view.zero_shot_done(results.candidates.index(record) + 1, total, record,
                             record.zero_shot_seconds)
-    del teacher
-    gc.collect()
+
+
+def _cache_teacher(plan: SearchPlan, ps: ParallelState, view: SearchProgress, teacher,
+                   params_dtype: torch.dtype) -> SearchPlan:
+    """``--cache-teacher``: the teacher's top-k over the candidates' training samples, written
+    (or finished) once in ``plan.cache_dir`` with the teacher already in memory; returns the
+    plan reading it."""
+    config = plan.cache_teacher
+    start = time.perf_counter()
+    root = write_teacher_cache(plan.teacher, ps, plan.data, num_samples=plan.train_samples,
+                               micro_batch_size=plan.train.micro_batch_size, config=config,
+                               save=plan.cache_dir, overwrite=True, params_dtype=params_dtype,
+                               model=teacher)
+    cache = TeacherCache(root)
+    cache.check_covers(data=plan.data, num_samples=plan.train_samples,
+                       padded_vocab_size=plan.teacher.model_config.padded_vocab_size,
+                       top_k=plan.kd.top_k)
+    view.say(f"teacher cache: top-{config.top_k} {config.dtype} logits of "
+             f"{plan.train_samples} training samples written to {root} "
+             f"({time.perf_counter() - start:.1f} s, {config.bytes_per_token} bytes/token); "
+             f"every candidate distills from it")
+    return dataclasses.replace(plan, teacher_cache=cache)
 
 
 def _distill(plan: SearchPlan, record: CandidateResult, ps: ParallelState, valid,
@@ -201,9 +221,23 @@ def run_search(plan: SearchPlan, ps: ParallelState, *, params_dtype: torch.dtype
     if zero:
         view.say(f"resuming: {zero} zero-shot loss(es) and {done} distillation(s) recorded")
 
-    _zero_shot(plan, ps, valid, view, params_dtype)
-    selected = results.selected()
+    # the teacher is loaded once, for the zero-shot losses and the cache, when either is due
+    teacher = None
+    if any(r.zero_shot_loss is None for r in results.candidates) or (
+            plan.cache_teacher is not None
+            and any(r.post_kd_loss is None for r in results.selected())
+            and missing_shards(plan.cache_dir, plan.train_samples,
+                               plan.cache_teacher.samples_per_shard)):
+        teacher = build_model(plan.teacher.model_config, ps, params_dtype=params_dtype,
+                              init_weights=False)
+        load_model(plan.teacher, model=teacher)
+    _zero_shot(plan, ps, valid, view, teacher)
+    selected = results.selected()  # by the zero-shot losses
     pending = [r for r in selected if r.post_kd_loss is None]
+    if plan.cache_teacher is not None and pending:
+        plan = _cache_teacher(plan, ps, view, teacher, params_dtype)
+    del teacher
+    gc.collect()
     view.start_distillation(len(pending))
     for index, record in enumerate(selected, 1):
         if record.post_kd_loss is not None:
@@ -217,6 +251,10 @@ def run_search(plan: SearchPlan, ps: ParallelState, *, params_dtype: torch.dtype
         _tidy(plan, ps)
         view.candidate_done(record, results.best)
     _tidy(plan, ps)
+    if plan.cache_teacher is not None and not plan.search.keep_all:
+        if ps.rank == 0:  # it served this search's candidates only
+            shutil.rmtree(plan.cache_dir, ignore_errors=True)
+        _barrier()
     best = results.best
     view.say(f"done: best {best.name} (post-KD loss {best.post_kd_loss:.4f}), checkpoint "
              f"{plan.search.save / best.checkpoint if best.checkpoint else 'not kept'}; table "
