@@ -323,7 +323,6 @@ def search(*, load: Checkpoint, scores: Scores | str | Path, config: SearchConfi
     from minitron_megatron.distill.teacher_cache import TeacherCache
     from minitron_megatron.importance import Scores
     from minitron_megatron.search import SearchSpace, prepare_search, run_search
-
     from minitron_megatron.search.preflight import CACHE_TWICE
 
     if cache_teacher is not None and teacher_cache is not None:
