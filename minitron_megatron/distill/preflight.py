@@ -92,8 +92,7 @@ def _check_cache(cache, *, student: CheckpointInfo, kd: KDConfig, train: TrainCo
                  data) -> None:
     check_cache_objective(kd, cache.top_k)
     cache.check_covers(data=data, num_samples=train.train_iters * train.global_batch_size,
-                       padded_vocab_size=student.model_config.padded_vocab_size,
-                       top_k=kd.top_k)
+                       padded_vocab_size=student.model_config.padded_vocab_size)
 
 
 def _check_same_vocabulary(student: CheckpointInfo, teacher: CheckpointInfo) -> None:

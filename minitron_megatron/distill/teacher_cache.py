@@ -154,10 +154,10 @@ class TeacherCache:
         self.per_shard = int(self.manifest["samples_per_shard"])
         self._open: tuple[int, Any] | None = None
 
-    def check_covers(self, *, data, num_samples: int, padded_vocab_size: int,
-                     top_k: int | None) -> None:
+    def check_covers(self, *, data, num_samples: int, padded_vocab_size: int) -> None:
         """One ``UserError`` if a run on ``data`` using samples ``0..num_samples−1`` cannot
-        read its teacher from this cache (checked before any model is built)."""
+        read its teacher from this cache (checked before any model is built; the KD objective
+        by ``distill.preflight.check_cache_objective``)."""
         have, want = self.manifest["data"], data_identity(data)
         diff = [f"{key} {have[key]} (the run: {want[key]})" for key in want
                 if have[key] != want[key]]
@@ -173,10 +173,6 @@ class TeacherCache:
             raise UserError(f"the teacher cache {self.root} has a vocabulary of "
                             f"{self.manifest['padded_vocab_size']}, the student "
                             f"{padded_vocab_size}: it was made with another teacher family.")
-        if top_k is not None and top_k > self.top_k:
-            raise UserError(f"--kd-top-k {top_k} exceeds the teacher cache's k = {self.top_k}; "
-                            f"use --kd-top-k ≤ {self.top_k} or re-create the cache with a larger "
-                            f"--cache-top-k.")
         missing = [path.name for path in missing_shards(self.root, self.num_samples,
                                                          self.per_shard, upto=num_samples)]
         if missing:
@@ -186,7 +182,7 @@ class TeacherCache:
 
     def kd_config(self, kd):
         """``kd`` (a ``KDConfig``, or the default one) reading this cache: its ``top_k`` unless
-        a smaller one is asked for (``check_covers`` refuses a larger one)."""
+        a smaller one is asked for (``check_cache_objective`` refuses a larger one)."""
         from minitron_megatron.distill.config import KDConfig
 
         kd = kd or KDConfig()

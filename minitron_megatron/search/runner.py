@@ -124,8 +124,7 @@ def _cache_teacher(plan: SearchPlan, ps: ParallelState, view: SearchProgress, te
                                model=teacher)
     cache = TeacherCache(root)
     cache.check_covers(data=plan.data, num_samples=plan.train_samples,
-                       padded_vocab_size=plan.teacher.model_config.padded_vocab_size,
-                       top_k=plan.kd.top_k)
+                       padded_vocab_size=plan.teacher.model_config.padded_vocab_size)
     view.say(f"teacher cache: top-{config.top_k} {config.dtype} logits of "
              f"{plan.train_samples} training samples written to {root} "
              f"({time.perf_counter() - start:.1f} s, {config.bytes_per_token} bytes/token); "
